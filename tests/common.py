@@ -1,0 +1,40 @@
+# Copyright (c) kd_detr contributors.
+"""Shared test helpers: locating ../shared/data and optional packages.
+
+Tests that need the shared real data or an optional package skip locally when it is absent, but
+fail under ``CI=true``, where everything must be present.
+"""
+import importlib
+import os
+import unittest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.environ.get(
+    "KD_DETR_SHARED_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
+)
+
+
+def in_ci():
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _missing(message):
+    if in_ci():
+        raise AssertionError(f"{message} (required under CI=true)")
+    raise unittest.SkipTest(message)
+
+
+def shared_data(*parts):
+    """Path of ``../shared/data/<parts>``; skip (or fail under CI) when it does not exist."""
+    path = os.path.join(SHARED_DATA, *parts)
+    if not os.path.exists(path):
+        _missing(f"shared test data not found: {path} (see ../shared/data/README.md)")
+    return path
+
+
+def require_module(name):
+    """Import and return an optional module; skip (or fail under CI) when it is not installed."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        _missing(f"optional package {name!r} is not installed ({e}); run tools/bootstrap.sh")

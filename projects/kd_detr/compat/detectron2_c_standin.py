@@ -47,6 +47,26 @@ def has_cuda():
     return False
 
 
+def _register_missing_torch_ops():
+    """``layers/nms.py`` calls ``torch.ops.detectron2.nms_rotated``: define it to raise clearly."""
+    try:
+        import torch
+
+        lib = torch.library.Library("detectron2", "DEF")
+        lib.define("nms_rotated(Tensor boxes, Tensor scores, float iou_threshold) -> Tensor")
+
+        def nms_rotated(boxes, scores, iou_threshold):
+            _MissingOp("nms_rotated")()
+
+        lib.impl("nms_rotated", nms_rotated, "CompositeExplicitAutograd")
+        return lib
+    except Exception:  # an op library named detectron2 exists already: leave it alone
+        return None
+
+
+_TORCH_OPS_LIBRARY = _register_missing_torch_ops()
+
+
 def __getattr__(name):
     # Module-level __getattr__ (PEP 562): only reached for names not defined above.
     if name.startswith("__"):

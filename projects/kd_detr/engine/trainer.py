@@ -1,0 +1,92 @@
+# Copyright (c) kd_detr contributors.
+"""``Trainer``: Detectron2's DefaultTrainer with kd_detr's evaluators and CPU-DDP support."""
+import json
+import logging
+import os
+
+from detectron2.data import MetadataCatalog
+from detectron2.engine import DefaultTrainer
+from detectron2.utils import comm
+
+from ..compat.ddp import patch_detectron2_create_ddp_model
+from ..evaluation import build_evaluator
+
+__all__ = ["Trainer", "validate_num_classes", "write_metrics_json"]
+
+logger = logging.getLogger(__name__)
+
+# Config key holding the class count of each meta-architecture family.
+_NUM_CLASSES_KEYS = {
+    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
+}
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer whose evaluator comes from ``cfg.TEST.EVALUATOR`` (faster-coco-eval).
+
+    Multi-process runs on CPU wrap the model in DDP without ``device_ids`` (see
+    :mod:`kd_detr.compat.ddp`); everything else is Detectron2's DefaultTrainer.
+    """
+
+    def __init__(self, cfg):
+        with patch_detectron2_create_ddp_model():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return build_evaluator(cfg, dataset_name, output_folder)
+
+
+def _get_key(cfg, dotted):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate_num_classes(cfg):
+    """Check that the model's class count equals the training dataset's.
+
+    Raises:
+        ValueError: naming both numbers and the dataset, when they differ.
+    """
+    arch = cfg.MODEL.META_ARCHITECTURE
+    key = _NUM_CLASSES_KEYS.get(arch)
+    if key is None and "DETR" in cfg.MODEL and (arch.upper().endswith("DETR") or arch == "DINO"):
+        key = "MODEL.DETR.NUM_CLASSES"
+    if key is None or not cfg.DATASETS.TRAIN:
+        return
+    dataset = cfg.DATASETS.TRAIN[0]
+    classes = MetadataCatalog.get(dataset).get("thing_classes", None)
+    if classes is None:
+        return
+    expected = _get_key(cfg, key)
+    if expected != len(classes):
+        raise ValueError(
+            f"{key} is {expected} but dataset '{dataset}' has {len(classes)} classes "
+            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}). "
+            f"Set {key} {len(classes)} in the config or on the command line."
+        )
+
+
+def write_metrics_json(cfg, results, extra=None):
+    """Write evaluation ``results`` (and ``extra`` fields) as JSON; returns the path (main rank).
+
+    The file holds ``{"results": {dataset: {task: {metric: value}}}, **extra}``.
+    """
+    if not comm.is_main_process():
+        return None
+    path = cfg.TEST.METRICS_JSON or os.path.join(cfg.OUTPUT_DIR, "metrics_final.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    results = dict(results or {})
+    # DefaultTrainer.test unwraps the dataset level when there is a single test dataset.
+    if len(cfg.DATASETS.TEST) == 1 and cfg.DATASETS.TEST[0] not in results:
+        results = {cfg.DATASETS.TEST[0]: results}
+    payload = {"results": results, **(extra or {})}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    logger.info(f"Wrote final metrics to {path}")
+    return path

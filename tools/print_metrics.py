@@ -1,0 +1,30 @@
+#!/usr/bin/env python
+# Copyright (c) kd_detr contributors.
+"""Print the metrics JSON written by train_net.py as a table."""
+import argparse
+import json
+
+from tabulate import tabulate
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("metrics_json")
+    args = parser.parse_args()
+    with open(args.metrics_json) as f:
+        metrics = json.load(f)
+    rows = []
+    for dataset, tasks in (metrics.get("results") or {}).items():
+        for task, values in tasks.items():
+            keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in values]
+            rows.append([dataset, task] + [f"{values[k]:.2f}" for k in keys])
+    headers = ["dataset", "task", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+    print(tabulate(rows, headers=headers[: max(len(r) for r in rows)] if rows else headers))
+    extras = {k: v for k, v in metrics.items() if k != "results"}
+    if extras:
+        print(tabulate(sorted(extras.items()), headers=["field", "value"]))
+    print(f"(from {args.metrics_json})")
+
+
+if __name__ == "__main__":
+    main()

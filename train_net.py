@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+# Copyright (c) kd_detr contributors.
+"""Train or evaluate a kd_detr model (Detectron2's four-part train_net.py).
+
+    python train_net.py --config-file configs/demo/faster_rcnn_efflite0_fpn_demo.yaml
+    python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python train_net.py --config-file CFG --num-gpus 2   # also on CPU: gloo processes
+"""
+import time
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+
+from kd_detr import add_kd_detr_config
+from kd_detr.data import register_from_config
+from kd_detr.engine import Trainer, launch, validate_num_classes, write_metrics_json
+
+
+def setup(args):
+    """Build the frozen config: Detectron2 defaults + kd_detr keys + file + command line."""
+    cfg = get_cfg()
+    add_kd_detr_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    register_from_config(cfg)
+    validate_num_classes(cfg)
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        results = Trainer.test(cfg, model)
+        write_metrics_json(cfg, results, {"mode": "eval_only", "weights": cfg.MODEL.WEIGHTS})
+        return results
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    start = time.perf_counter()
+    trainer.train()
+    results = getattr(trainer, "_last_eval_results", None)
+    extra = {
+        "mode": "train",
+        "max_iter": cfg.SOLVER.MAX_ITER,
+        "train_and_eval_seconds": round(time.perf_counter() - start, 1),
+        "world_size": comm.get_world_size(),
+    }
+    write_metrics_json(cfg, results, extra)
+    return results
+
+
+def invoke_main():
+    args = default_argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
+
+
+if __name__ == "__main__":
+    invoke_main()  # pragma: no cover

@@ -1,0 +1,15 @@
+# Copyright (c) kd_detr contributors.
+"""kd_detr's datasets. Importing this package registers "kd_demo_train" and "kd_demo_val"."""
+from .coco_json import load_coco_json_checked, register_coco_json, register_from_config
+from .demo import (
+    DEMO_CLASSES,
+    DemoSettings,
+    demo_dataset_dir,
+    demo_root,
+    generate_demo_dataset,
+    prepare_demo_dataset,
+    register_demo_datasets,
+)
+from .pascal_voc import load_voc_instances, register_voc
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

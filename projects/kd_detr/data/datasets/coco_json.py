@@ -1,0 +1,181 @@
+# Copyright (c) kd_detr contributors.
+"""Register COCO-format json datasets, and every dataset listed in a config.
+
+``register_coco_json("my_train", "ann/train.json", "images/")`` is all a custom COCO-format
+dataset needs. Compared with Detectron2's ``register_coco_instances`` it checks its inputs (clear
+errors for a missing file or a json lacking a required key) and drops boxes of zero width or
+height with one warning per file instead of letting them reach the model.
+"""
+import json
+import logging
+import os
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+__all__ = ["register_coco_json", "load_coco_json_checked", "register_from_config"]
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = ("images", "annotations", "categories")
+
+
+def _abspath(path):
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def _already_registered(name, **expected):
+    """Whether ``name`` is registered with exactly these metadata values.
+
+    Returns False when ``name`` is not registered; raises ValueError when it is registered with
+    other values, so that a name never silently points at two different datasets.
+    """
+    if name not in DatasetCatalog.list():
+        return False
+    meta = MetadataCatalog.get(name)
+    found = {key: meta.get(key, None) for key in expected}
+    if found == expected:
+        return True
+    raise ValueError(
+        f"Dataset {name!r} is already registered with {found}, not {expected}. Use another name, "
+        f"or call DatasetCatalog.remove({name!r}) and MetadataCatalog.remove({name!r}) first."
+    )
+
+
+def _check_coco_json(json_file):
+    """Raise a clear error when ``json_file`` is not valid json with the COCO top-level keys."""
+    try:
+        with open(json_file, "r") as f:
+            content = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{json_file} is not valid json: {e}") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"{json_file} is not a COCO-format json: its top level is not an object")
+    missing = [key for key in _REQUIRED_KEYS if key not in content]
+    if missing:
+        raise ValueError(
+            f"{json_file} is not a COCO-format json: it lacks the key(s) "
+            f"{', '.join(repr(k) for k in missing)} (found keys: {sorted(content)})"
+        )
+    for key in _REQUIRED_KEYS:
+        if not isinstance(content[key], list):
+            raise ValueError(f"{json_file}: {key!r} must be a list, got {type(content[key])}")
+    if not content["categories"]:
+        raise ValueError(f"{json_file}: 'categories' is empty")
+
+
+def _drop_degenerate_boxes(dataset_dicts, json_file):
+    num_dropped = 0
+    for record in dataset_dicts:
+        annotations = record.get("annotations", [])
+        kept = [a for a in annotations if "bbox" not in a or min(a["bbox"][2:4]) > 0]
+        num_dropped += len(annotations) - len(kept)
+        record["annotations"] = kept
+    if num_dropped:
+        logger.warning(
+            f"{json_file}: dropped {num_dropped} annotation(s) whose box has zero or negative "
+            "width or height."
+        )
+    return dataset_dicts
+
+
+def load_coco_json_checked(json_file, image_root, dataset_name=None):
+    """Detectron2's ``load_coco_json`` with input checks and degenerate boxes dropped.
+
+    Crowd annotations (``iscrowd=1``) are kept: Detectron2's ``DatasetMapper`` leaves them out of
+    the training targets and COCO evaluation uses them as "ignore" regions.
+
+    Args:
+        json_file (str): COCO-format json with "images", "annotations" and "categories".
+        image_root (str): directory the json's ``file_name`` entries are relative to.
+        dataset_name (str or None): when given, sets ``thing_classes`` and
+            ``thing_dataset_id_to_contiguous_id`` in its metadata (as ``load_coco_json`` does).
+
+    Returns:
+        list[dict]: dataset dicts in Detectron2's standard format.
+    """
+    json_file = _abspath(json_file)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO json file not found: {json_file}")
+    try:
+        dataset_dicts = load_coco_json(json_file, image_root, dataset_name)
+    except Exception:
+        _check_coco_json(json_file)  # a clearer error than pycocotools' when the json is malformed
+        raise
+    # pycocotools accepts a json without "images" or "annotations" and returns nothing for them:
+    # only then parse the file a second time, to name what is missing.
+    if not dataset_dicts or not any(record["annotations"] for record in dataset_dicts):
+        _check_coco_json(json_file)
+    return _drop_degenerate_boxes(dataset_dicts, json_file)
+
+
+def register_coco_json(name, json_file, image_root, *, metadata=None):
+    """Register a COCO-format json dataset under ``name`` (the json is read lazily, on first use).
+
+    Registering the same name again with the same files is a no-op; with other files, an error.
+    Images without annotations are kept; whether training drops them is decided by
+    ``cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS``, as for any Detectron2 dataset.
+
+    Args:
+        name (str): dataset name, e.g. "my_dataset_train".
+        json_file (str): COCO-format json file.
+        image_root (str): directory the json's ``file_name`` entries are relative to.
+        metadata (dict or None): extra metadata, e.g. ``{"thing_colors": [...]}``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Dataset name must be a non-empty string, got {name!r}")
+    json_file, image_root = _abspath(json_file), _abspath(image_root)
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"COCO json file for dataset {name!r} not found: {json_file}")
+    if not os.path.isdir(image_root):
+        raise FileNotFoundError(f"Image directory for dataset {name!r} not found: {image_root}")
+    if _already_registered(name, json_file=json_file, image_root=image_root):
+        return
+    DatasetCatalog.register(name, lambda: load_coco_json_checked(json_file, image_root, name))
+    MetadataCatalog.get(name).set(
+        json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
+    )
+
+
+def _split_entry(entry, key, num_fields, example):
+    fields = [field.strip() for field in str(entry).split(",")]
+    if len(fields) != num_fields or not all(fields):
+        raise ValueError(
+            f"Malformed cfg.DATASETS.{key} entry {entry!r}: expected {num_fields} non-empty "
+            f"comma-separated fields, like {example!r}"
+        )
+    return fields
+
+
+def register_from_config(cfg):
+    """Register every dataset listed in ``cfg.DATASETS.COCO_JSON`` and ``cfg.DATASETS.VOC``.
+
+    Entries are "name,path/to/instances.json,path/to/image_root" and
+    "name,path/to/voc_dir,split,class1;class2;...". Names already registered with the same
+    settings are skipped, so calling this twice is harmless.
+
+    Returns:
+        list[str]: the names of all datasets listed in the config.
+    """
+    from .pascal_voc import register_voc  # pascal_voc imports this module
+
+    names = []
+    for entry in cfg.DATASETS.get("COCO_JSON", []):
+        name, json_file, image_root = _split_entry(
+            entry, "COCO_JSON", 3, "name,path/to/instances.json,path/to/image_root"
+        )
+        register_coco_json(name, json_file, image_root)
+        names.append(name)
+    for entry in cfg.DATASETS.get("VOC", []):
+        name, dirname, split, classes = _split_entry(
+            entry, "VOC", 4, "name,path/to/voc_dir,trainval,cat;dog"
+        )
+        class_names = [c.strip() for c in classes.split(";")]
+        if not all(class_names) or len(set(class_names)) != len(class_names):
+            raise ValueError(
+                f"Malformed cfg.DATASETS.VOC entry {entry!r}: class names must be non-empty, "
+                f"unique and separated by ';', got {class_names}"
+            )
+        register_voc(name, dirname, split, class_names)
+        names.append(name)
+    return names

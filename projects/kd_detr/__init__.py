@@ -3,7 +3,7 @@
 
 Importing the package registers its datasets, backbones and meta-architectures.
 """
-from . import data  # noqa: F401  (registers datasets)
+from . import data, modeling  # noqa: F401  (registers datasets, backbones, models)
 from .config import add_kd_detr_config
 
 __version__ = "0.1.0"

@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
 from kd_detr import add_kd_detr_config
-from kd_detr.data import register_from_config
+from kd_detr.data import register_demo_datasets, register_from_config
 from kd_detr.engine import Trainer, launch, validate_num_classes, write_metrics_json
 
 
@@ -25,6 +25,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    register_demo_datasets(cfg)
     register_from_config(cfg)
     validate_num_classes(cfg)
     default_setup(cfg, args)

@@ -1,0 +1,13 @@
+# Copyright (c) kd_detr contributors.
+"""Converters from third-party checkpoints to kd_detr state dicts."""
+from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches
+from .hf_detr import (
+    check_state_dict_keys,
+    convert_hf_detr,
+    hf_detr_config_mismatches,
+    read_hf_folder,
+)
+
+# Hugging Face ``config.json`` model_type -> (state-dict converter, config-mismatch checker).
+HF_CONVERTERS = {"detr": (convert_hf_detr, hf_detr_config_mismatches)}
+HF_CONVERTERS["dab-detr"] = (convert_hf_dab_detr, hf_dab_detr_config_mismatches)

@@ -1,0 +1,202 @@
+# Copyright (c) kd_detr contributors.
+"""Hugging Face ``DabDetrForObjectDetection`` weights -> kd_detr ``DABDETR`` keys.
+
+Supported backbones: timm's ResNet (``use_timm_backbone``, the Hugging Face default and the
+IDEA-Research/dab-detr-* checkpoints) and transformers' own ``ResNet``, renamed as for DETR
+(:mod:`.hf_detr`). Hugging Face ties ``model.decoder.bbox_embed`` to ``bbox_predictor`` (only the
+latter is written by ``save_pretrained``); kd_detr keeps one head, ``bbox_embed``, so the decoder
+copy is dropped after checking that it equals the predictor.
+
+Hugging Face clamps ``inverse_sigmoid`` at 1e-5, the official DAB-DETR code at 1e-3
+(``MODEL.DETR.DAB.INVERSE_SIGMOID_EPS``); the two only differ for box coordinates within 1e-3 of
+0 or 1.
+"""
+import re
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from .hf_detr import _backbone_facts, _convert_backbone
+
+__all__ = ["convert_hf_dab_detr", "hf_dab_detr_config_mismatches"]
+
+_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
+_TIMM = "_backbone."  # transformers' TimmBackbone wraps the timm model in ``_backbone``
+
+# (pattern, replacement) applied with re.fullmatch to keys outside the backbone and the layers.
+_RULES = [
+    (r"model\.input_projection\.(.+)", r"input_proj.\1"),
+    (r"model\.query_refpoint_embeddings\.weight", r"refpoint_embed.weight"),
+    (r"model\.patterns\.weight", r"patterns.weight"),
+    (r"class_embed\.(.+)", r"class_embed.\1"),
+    (r"bbox_predictor\.(.+)", r"bbox_embed.\1"),
+    (r"model\.encoder\.query_scale\.(.+)", r"transformer.encoder_query_scale.\1"),
+    (r"model\.decoder\.layernorm\.(.+)", r"transformer.decoder.norm.\1"),
+    (
+        r"model\.decoder\.(query_scale|ref_point_head|ref_anchor_head)\.(.+)",
+        r"transformer.decoder.\1.\2",
+    ),
+]
+# Layer submodules: Hugging Face name -> kd_detr name, under transformer.encoder_layers.N or
+# transformer.decoder.layers.N.
+_ENCODER_LAYER = {
+    "self_attn.q_proj": "self_attn.q_proj",
+    "self_attn.k_proj": "self_attn.k_proj",
+    "self_attn.v_proj": "self_attn.v_proj",
+    "self_attn.out_proj": "self_attn.out_proj",
+    "self_attn_layer_norm": "norm1",
+    "fc1": "ffn.linear1",
+    "fc2": "ffn.linear2",
+    "activation_fn": "ffn.activation",
+    "final_layer_norm": "norm2",
+}
+_DECODER_LAYER = {
+    "self_attn.self_attn_query_content_proj": "sa_qcontent_proj",
+    "self_attn.self_attn_query_pos_proj": "sa_qpos_proj",
+    "self_attn.self_attn_key_content_proj": "sa_kcontent_proj",
+    "self_attn.self_attn_key_pos_proj": "sa_kpos_proj",
+    "self_attn.self_attn_value_proj": "sa_v_proj",
+    "self_attn.self_attn.output_proj": "self_attn_out_proj",
+    "self_attn.self_attn_layer_norm": "norm1",
+    "cross_attn.cross_attn_query_content_proj": "ca_qcontent_proj",
+    "cross_attn.cross_attn_query_pos_proj": "ca_qpos_proj",
+    "cross_attn.cross_attn_key_content_proj": "ca_kcontent_proj",
+    "cross_attn.cross_attn_key_pos_proj": "ca_kpos_proj",
+    "cross_attn.cross_attn_value_proj": "ca_v_proj",
+    "cross_attn.cross_attn_query_pos_sine_proj": "ca_qpos_sine_proj",
+    "cross_attn.cross_attn.output_proj": "cross_attn_out_proj",
+    "cross_attn.cross_attn_layer_norm": "norm2",
+    "mlp.fc1": "ffn.linear1",
+    "mlp.fc2": "ffn.linear2",
+    "mlp.activation_fn": "ffn.activation",
+    "mlp.final_layer_norm": "norm3",
+}
+_LAYER_RE = re.compile(r"model\.(encoder|decoder)\.layers\.(\d+)\.(.+)\.(\w+)")
+_LAYER_TABLES = {
+    "encoder": ("transformer.encoder_layers", _ENCODER_LAYER),
+    "decoder": ("transformer.decoder.layers", _DECODER_LAYER),
+}
+
+
+def _rename(key: str):
+    """kd_detr name of a non-backbone Hugging Face key, or None when unknown."""
+    for pattern, replacement in _RULES:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, replacement, key)
+    match = _LAYER_RE.fullmatch(key)
+    if match:
+        part, layer, module, param = match.groups()
+        prefix, table = _LAYER_TABLES[part]
+        if module in table:
+            return f"{prefix}.{layer}.{table[module]}.{param}"
+    return None
+
+
+def convert_hf_dab_detr(
+    hf_state_dict: Mapping[str, torch.Tensor], hf_config: Optional[Mapping] = None
+) -> Dict[str, torch.Tensor]:
+    """Rename a ``DabDetrForObjectDetection`` state dict to kd_detr ``DABDETR`` keys.
+
+    Args:
+        hf_state_dict: Hugging Face weights (``model.*``, ``class_embed.*``, ``bbox_predictor.*``),
+            as in memory or as written by ``save_pretrained``.
+        hf_config: the model's ``config.json`` as a dict (optional; only its model type is
+            checked; the backbone kind is read from the keys).
+
+    Returns:
+        dict[str, Tensor]: kd_detr state dict (``num_batches_tracked`` buffers are dropped).
+
+    Raises:
+        ValueError: listing every key that no rule converts (e.g. a pre-norm encoder's final
+            LayerNorm), or when the tied box heads differ.
+    """
+    if hf_config is not None and hf_config.get("model_type") != "dab-detr":
+        raise ValueError(
+            "convert_hf_dab_detr expects model_type 'dab-detr', got "
+            f"{hf_config.get('model_type')!r}"
+        )
+    backbone, converted, unconverted = {}, {}, []
+    for key, value in hf_state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        if key.startswith(_BACKBONE_PREFIX):
+            backbone[key[len(_BACKBONE_PREFIX) :]] = value
+        elif key.startswith("model.decoder.bbox_embed."):
+            tied = "bbox_predictor." + key[len("model.decoder.bbox_embed.") :]
+            if tied in hf_state_dict and not torch.equal(hf_state_dict[tied], value):
+                raise ValueError(f"{key} differs from {tied}; untied box heads are not supported")
+        else:
+            new_key = _rename(key)
+            if new_key is None:
+                unconverted.append(key)
+            else:
+                converted[new_key] = value
+    timm = bool(backbone) and all(k.startswith(_TIMM) for k in backbone)
+    if timm:
+        backbone = {k[len(_TIMM) :]: v for k, v in backbone.items()}
+    kind = "timm_backbone" if timm else "resnet"
+    backbone, backbone_unconverted = _convert_backbone(backbone, kind)
+    converted.update(backbone)
+    unconverted += [_BACKBONE_PREFIX + k for k in backbone_unconverted]
+    if not backbone:
+        unconverted.append("(no backbone keys under model.backbone.conv_encoder.model.)")
+    if unconverted:
+        raise ValueError(
+            f"{len(unconverted)} Hugging Face DabDetr keys were not converted (unsupported model "
+            f"parts?): {sorted(unconverted)}"
+        )
+    return converted
+
+
+def hf_dab_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
+    """Differences between a Hugging Face DAB-DETR ``config.json`` and a kd_detr config.
+
+    Returns:
+        list[str]: one readable line per mismatch (empty when the configs agree).
+    """
+    d, problems = cfg.MODEL.DETR, []
+    num_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
+    pairs = [
+        ("hidden_size", "MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM),
+        ("encoder_layers", "MODEL.DETR.ENC_LAYERS", d.ENC_LAYERS),
+        ("decoder_layers", "MODEL.DETR.DEC_LAYERS", d.DEC_LAYERS),
+        ("encoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
+        ("decoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
+        ("encoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
+        ("decoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
+        ("num_queries", "MODEL.DETR.NUM_QUERIES", d.NUM_QUERIES),
+        ("activation_function", "MODEL.DETR.ACTIVATION", d.ACTIVATION),
+        ("num_patterns", "MODEL.DETR.DAB.NUM_PATTERNS", d.DAB.NUM_PATTERNS),
+        ("keep_query_pos", "MODEL.DETR.DAB.KEEP_QUERY_POS", d.DAB.KEEP_QUERY_POS),
+        ("temperature_height", "MODEL.DETR.DAB.TEMPERATURE", d.DAB.TEMPERATURE),
+        ("temperature_width", "MODEL.DETR.DAB.TEMPERATURE", d.DAB.TEMPERATURE),
+    ]
+    for hf_key, key, ours in pairs:
+        if hf_config.get(hf_key) != ours:
+            problems.append(f"{hf_key}={hf_config.get(hf_key)!r} but {key}={ours!r}")
+    if num_labels != d.NUM_CLASSES:
+        problems.append(f"num_labels={num_labels} but MODEL.DETR.NUM_CLASSES={d.NUM_CLASSES}")
+    checks = [
+        (cfg.MODEL.META_ARCHITECTURE == "DABDETR", "MODEL.META_ARCHITECTURE must be 'DABDETR'"),
+        (d.USE_FOCAL_LOSS, "DAB-DETR has C sigmoid logits: MODEL.DETR.USE_FOCAL_LOSS must be True"),
+        (d.DAB.MODULATE_HW_ATTN, "Hugging Face DAB-DETR modulates attention by width/height"),
+        (not d.DAB.BBOX_EMBED_DIFF_EACH_LAYER, "Hugging Face DAB-DETR shares one box head"),
+        (not hf_config.get("normalize_before", False), "pre-norm (normalize_before) unsupported"),
+        (hf_config.get("query_dim", 4) == 4, "only query_dim 4 is supported"),
+        (
+            hf_config.get("sine_position_embedding_scale") is None,
+            "only the default sine position embedding scale (2 pi) is supported",
+        ),
+        (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
+    ]
+    problems += [message for ok, message in checks if not ok]
+    depth, stride_in_1x1 = _backbone_facts(hf_config)
+    if depth is None:
+        problems.append("unsupported Hugging Face backbone (expected ResNet-18/34/50/101/152)")
+    elif depth != cfg.MODEL.RESNETS.DEPTH:
+        problems.append(
+            f"backbone is ResNet-{depth} but MODEL.RESNETS.DEPTH={cfg.MODEL.RESNETS.DEPTH}"
+        )
+    if depth is not None and depth >= 50 and stride_in_1x1 != cfg.MODEL.RESNETS.STRIDE_IN_1X1:
+        problems.append(f"MODEL.RESNETS.STRIDE_IN_1X1 must be {stride_in_1x1}")
+    return problems

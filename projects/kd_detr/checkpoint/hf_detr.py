@@ -1,0 +1,279 @@
+# Copyright (c) kd_detr contributors.
+"""Hugging Face ``transformers`` DETR (``DetrForObjectDetection``) -> kd_detr ``DETR`` weights.
+
+Supported: sine position embeddings, no dilation, and a ResNet backbone that is either timm's
+(``use_timm_backbone``, the facebook/detr-* checkpoints) or transformers' own ``ResNet``. Both the
+on-disk key layout written by ``save_pretrained`` (``backbone.conv_encoder``, ``out_proj``,
+``fc1``) and the in-memory one of transformers >= 5 (``backbone.model``, ``o_proj``,
+``mlp.fc1``) are accepted.
+"""
+import json
+import logging
+import os
+import re
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+
+from ..modeling.backbone import convert_torchvision_resnet
+
+__all__ = [
+    "convert_hf_detr",
+    "check_state_dict_keys",
+    "hf_detr_config_mismatches",
+    "read_hf_folder",
+]
+
+logger = logging.getLogger(__name__)
+
+_NORM = r"(weight|bias|running_mean|running_var)"
+
+# Canonical (on-disk) spellings of the keys renamed by transformers >= 5.
+_CANONICAL = [
+    (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.layers\.(\d+)\.mlp\.fc(\d)\.", r".layers.\1.fc\2."),
+]
+
+_STAGE = r"encoder\.stages\.(\d)\.layers\.(\d+)\."
+_HF_RESNET = [
+    (r"embedder\.embedder\.convolution\.weight$", "stem.conv1.weight"),
+    (rf"embedder\.embedder\.normalization\.{_NORM}$", r"stem.conv1.norm.\1"),
+    (
+        _STAGE + r"shortcut\.convolution\.weight$",
+        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.weight",
+    ),
+    (
+        _STAGE + rf"shortcut\.normalization\.{_NORM}$",
+        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.norm.{m[3]}",
+    ),
+    (
+        _STAGE + r"layer\.(\d)\.convolution\.weight$",
+        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.weight",
+    ),
+    (
+        _STAGE + rf"layer\.(\d)\.normalization\.{_NORM}$",
+        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.norm.{m[4]}",
+    ),
+]
+
+_ENC_LAYER = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"}
+_DEC_LAYER = {
+    "self_attn_layer_norm": "norm1",
+    "encoder_attn_layer_norm": "norm2",
+    "final_layer_norm": "norm3",
+    "encoder_attn": "cross_attn",
+}
+_HEADS = [
+    (r"^model\.input_projection\.", "input_proj."),
+    (r"^model\.query_position_embeddings\.", "query_embed."),
+    (r"^model\.decoder\.layernorm\.", "transformer.decoder.norm."),
+    (r"^class_labels_classifier\.", "class_embed."),
+    (r"^bbox_predictor\.layers\.(\d)\.", r"bbox_embed.layers.\1."),
+]
+
+
+def _transformer_key(key):
+    m = re.match(r"^model\.(encoder|decoder)\.layers\.(\d+)\.([a-z_0-9]+)\.(.+)$", key)
+    if m is None:
+        return None
+    part, index, module, rest = m.groups()
+    table = _ENC_LAYER if part == "encoder" else _DEC_LAYER
+    if module in ("fc1", "fc2"):
+        module, rest = "ffn", f"linear{module[-1]}.{rest}"
+    elif module in table:
+        module = table[module]
+    elif module != "self_attn":
+        return None
+    return f"transformer.{part}.layers.{index}.{module}.{rest}"
+
+
+def _apply(rules, key):
+    for pattern, repl in rules:
+        if re.search(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def _backbone_kind(hf_config):
+    bb = hf_config.get("backbone_config") or {}
+    kind = bb.get("model_type", "timm_backbone" if hf_config.get("use_timm_backbone") else None)
+    if kind not in ("timm_backbone", "resnet"):
+        raise ValueError(
+            f"Unsupported Hugging Face DETR backbone type {kind!r} (expected timm or HF ResNet)"
+        )
+    return kind
+
+
+def _convert_backbone(state_dict, kind):
+    """Backbone keys (prefix stripped) -> ``backbone.*`` keys; returns (converted, unconverted)."""
+    if kind == "timm_backbone":  # torchvision names
+        return convert_torchvision_resnet(state_dict, prefix="backbone."), []
+    converted, unconverted = {}, []
+    for key, value in state_dict.items():
+        new = _apply(_HF_RESNET, key)
+        if new is None:
+            unconverted.append(key)
+        else:
+            converted["backbone." + new] = value
+    return converted, unconverted
+
+
+def convert_hf_detr(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mapping) -> Dict:
+    """Rename a ``DetrForObjectDetection`` state dict to kd_detr ``DETR`` keys.
+
+    Args:
+        hf_state_dict: the Hugging Face weights (any of the two key layouts).
+        hf_config: the model's ``config.json`` as a dict.
+
+    Returns:
+        dict[str, Tensor]: kd_detr state dict (``num_batches_tracked`` buffers are dropped).
+
+    Raises:
+        ValueError: listing every Hugging Face key that no rule converts.
+    """
+    model_type = hf_config.get("model_type")
+    if model_type != "detr":
+        raise ValueError(f"convert_hf_detr expects model_type 'detr', got {model_type!r}")
+    kind = _backbone_kind(hf_config)
+    prefix = "model.backbone.conv_encoder.model."
+    backbone, converted, unconverted = {}, {}, []
+    for key, value in hf_state_dict.items():
+        canonical = key
+        for pattern, repl in _CANONICAL:
+            canonical = re.sub(pattern, repl, canonical)
+        if canonical.endswith("num_batches_tracked"):
+            continue
+        if canonical.startswith(prefix):
+            backbone[canonical[len(prefix) :]] = value
+            continue
+        new = _transformer_key(canonical) or _apply(_HEADS, canonical)
+        if new is None:
+            unconverted.append(key)
+        else:
+            converted[new] = value
+    backbone, backbone_unconverted = _convert_backbone(backbone, kind)
+    converted.update(backbone)
+    unconverted += [prefix + k for k in backbone_unconverted]
+    if unconverted:
+        raise ValueError(
+            f"{len(unconverted)} Hugging Face DETR keys were not converted (unsupported model "
+            f"parts?): {sorted(unconverted)}"
+        )
+    return converted
+
+
+def check_state_dict_keys(converted: Mapping[str, torch.Tensor], model_state: Mapping) -> None:
+    """Raise ValueError listing missing, unexpected and wrongly shaped keys versus ``model_state``
+    (e.g. ``model.state_dict()``); does nothing when the two match exactly."""
+    missing = sorted(set(model_state) - set(converted))
+    unexpected = sorted(set(converted) - set(model_state))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(converted[k].shape)} vs model {tuple(model_state[k].shape)}"
+        for k in set(converted) & set(model_state)
+        if tuple(converted[k].shape) != tuple(model_state[k].shape)
+    )
+    problems = [
+        f"{name} ({len(keys)}): {keys}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if keys
+    ]
+    if problems:
+        raise ValueError("Converted checkpoint does not match the model: " + "; ".join(problems))
+
+
+def _timm_depth(name):
+    m = re.match(r"^(?:timm/)?resnet(18|34|50|101|152)(?:\..*)?$", name or "")
+    return None if m is None else int(m[1])
+
+
+def _backbone_facts(hf_config) -> Tuple[int, bool]:
+    """(ResNet depth or None, stride in the 1x1 conv) of the Hugging Face backbone."""
+    bb = hf_config.get("backbone_config") or {}
+    if bb.get("model_type") == "resnet":
+        blocks = tuple(bb.get("depths", ()))
+        basic = bb.get("layer_type") == "basic"
+        table = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34 if basic else 50, (3, 4, 23, 3): 101}
+        table[(3, 8, 36, 3)] = 152
+        return table.get(blocks), bool(bb.get("downsample_in_bottleneck", False))
+    return _timm_depth(bb.get("backbone", hf_config.get("backbone"))), False
+
+
+def hf_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
+    """Differences between a Hugging Face DETR ``config.json`` and a kd_detr config.
+
+    Returns:
+        list[str]: one readable line per mismatch (empty when the configs agree).
+    """
+    d, problems = cfg.MODEL.DETR, []
+    num_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
+    pairs = [
+        ("d_model", "MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM),
+        ("encoder_layers", "MODEL.DETR.ENC_LAYERS", d.ENC_LAYERS),
+        ("decoder_layers", "MODEL.DETR.DEC_LAYERS", d.DEC_LAYERS),
+        ("encoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
+        ("decoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
+        ("encoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
+        ("decoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
+        ("num_queries", "MODEL.DETR.NUM_QUERIES", d.NUM_QUERIES),
+        ("activation_function", "MODEL.DETR.ACTIVATION", d.ACTIVATION),
+    ]
+    for hf_key, key, ours in pairs:
+        if hf_config.get(hf_key) != ours:
+            problems.append(f"{hf_key}={hf_config.get(hf_key)!r} but {key}={ours!r}")
+    if num_labels != d.NUM_CLASSES:
+        problems.append(f"num_labels={num_labels} but MODEL.DETR.NUM_CLASSES={d.NUM_CLASSES}")
+    checks = [
+        (cfg.MODEL.META_ARCHITECTURE == "DETR", "MODEL.META_ARCHITECTURE must be 'DETR'"),
+        (not d.PRE_NORM, "Hugging Face DETR is post-norm but MODEL.DETR.PRE_NORM is True"),
+        (not d.USE_FOCAL_LOSS, "Hugging Face DETR has C + 1 softmax logits: USE_FOCAL_LOSS False"),
+        (
+            hf_config.get("position_embedding_type", "sine") == "sine",
+            "only sine position embeddings are supported",
+        ),
+        (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
+    ]
+    problems += [message for ok, message in checks if not ok]
+    depth, stride_in_1x1 = _backbone_facts(hf_config)
+    if depth is None:
+        problems.append("unsupported Hugging Face backbone (expected ResNet-18/34/50/101/152)")
+    elif depth != cfg.MODEL.RESNETS.DEPTH:
+        problems.append(
+            f"backbone is ResNet-{depth} but MODEL.RESNETS.DEPTH={cfg.MODEL.RESNETS.DEPTH}"
+        )
+    if depth is not None and depth >= 50 and stride_in_1x1 != cfg.MODEL.RESNETS.STRIDE_IN_1X1:
+        problems.append(f"MODEL.RESNETS.STRIDE_IN_1X1 must be {stride_in_1x1}")
+    return problems
+
+
+def read_hf_folder(path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Load ``config.json`` and the weights (safetensors or .bin, sharded or not) of a folder
+    written by ``save_pretrained``; returns (state_dict, config)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{config_path} not found: INPUT must be a save_pretrained folder")
+    with open(config_path) as f:
+        config = json.load(f)
+    state_dict = {}
+    loaders = (("model.safetensors", _load_safetensors), ("pytorch_model.bin", _load_bin))
+    for name, loader in loaders:
+        index = os.path.join(path, name + ".index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            for shard in shards:
+                state_dict.update(loader(os.path.join(path, shard)))
+            return state_dict, config
+        if os.path.isfile(os.path.join(path, name)):
+            return loader(os.path.join(path, name)), config
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or index) in {path}")
+
+
+def _load_safetensors(file):
+    from safetensors.torch import load_file
+
+    return load_file(file)
+
+
+def _load_bin(file):
+    return torch.load(file, map_location="cpu", weights_only=True)

@@ -1,0 +1,252 @@
+# Copyright (c) kd_detr contributors.
+"""DAB-DETR (Liu et al., ICLR 2022) as a Detectron2 meta-architecture.
+
+It shares DETR's preprocessing, encoder call, losses and inference (:class:`DETR`) and replaces
+the learned positional queries by learned 4-D anchor boxes refined layer by layer.
+"""
+import math
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY
+
+from ..transformer import MLP
+from ..transformer.dab_transformer import inverse_sigmoid
+from .detr import DETR, ImagesLike
+
+__all__ = ["DABDETR", "block_diagonal_mask"]
+
+
+def block_diagonal_mask(sizes: List[int], device=None) -> torch.Tensor:
+    """(N, N) bool self-attention mask, N = sum(sizes), True (blocked) outside the diagonal
+    blocks, so that each consecutive run of ``sizes[i]`` queries attends only to itself."""
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes))
+    return group[:, None] != group[None, :]
+
+
+@META_ARCH_REGISTRY.register()
+class DABDETR(DETR):
+    """DAB-DETR: DETR whose decoder queries are anchor boxes (cx, cy, w, h) refined per layer.
+
+    Detection queries are ``NUM_QUERIES`` learned anchors (``refpoint_embed``, stored before the
+    sigmoid) with zero content, or ``NUM_PATTERNS`` learned content patterns per anchor. Boxes of
+    layer l are ``sigmoid(bbox_embed(h_l) + inverse_sigmoid(b_l))`` where ``b_l`` is the layer's
+    input anchor; classification is sigmoid (focal loss, focal matching cost) over C classes.
+
+    Extra query groups (distillation) are dicts ``{"boxes": (B or 1, M, 4) cxcywh in [0, 1],
+    "content": optional (B or 1, M, d)}``; a leading 1 is shared by all images and absent
+    content is zeros (the content of DAB-DETR's own queries without patterns). A group's boxes
+    are its anchors: they go through this model's sine embedding, ``ref_point_head`` and
+    iterative refinement exactly like the detection anchors. Groups never attend to the
+    detection queries or to each other (separate passes or a block-diagonal mask, see
+    ``MODEL.DETR.GROUP_DECODING``), so detection outputs and losses do not depend on them.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        num_patterns: int = 0,
+        random_refpoints_xy: bool = False,
+        bbox_embed_diff_each_layer: bool = False,
+        inverse_sigmoid_eps: float = 1e-3,
+        **kwargs,
+    ):
+        """
+        Args:
+            num_patterns: learned content patterns (0: zero content queries).
+            random_refpoints_xy: initialise anchor centres uniformly in [0, 1].
+            bbox_embed_diff_each_layer: one box head per decoder layer.
+            inverse_sigmoid_eps: clamp of :func:`inverse_sigmoid` in box predictions.
+            kwargs: arguments of :class:`DETR`; ``transformer`` must be a DABTransformer and
+                ``criterion`` must use the focal loss.
+        """
+        super().__init__(**kwargs)
+        if not self.use_focal:
+            raise ValueError(
+                "DABDETR uses the sigmoid focal loss: set MODEL.DETR.USE_FOCAL_LOSS True"
+            )
+        if not hasattr(self.transformer, "positional_queries"):
+            raise TypeError(
+                f"DABDETR needs a DABTransformer (MODEL.DETR.TRANSFORMER_NAME), got "
+                f"{type(self.transformer).__name__}"
+            )
+        hidden_dim = self.transformer.d_model
+        num_layers = self.transformer.num_decoder_layers
+        del self.query_embed  # DETR's positional queries are replaced by anchors
+        self.refpoint_embed = nn.Embedding(self.num_queries, 4)
+        if random_refpoints_xy:
+            with torch.no_grad():
+                xy = torch.rand_like(self.refpoint_embed.weight[:, :2])
+                self.refpoint_embed.weight[:, :2] = inverse_sigmoid(xy, inverse_sigmoid_eps)
+        self.num_patterns = num_patterns
+        self.patterns = nn.Embedding(num_patterns, hidden_dim) if num_patterns > 0 else None
+        self.bbox_embed_diff_each_layer = bbox_embed_diff_each_layer
+        if bbox_embed_diff_each_layer:
+            self.bbox_embed = nn.ModuleList(
+                MLP(hidden_dim, hidden_dim, 4, 3) for _ in range(num_layers)
+            )
+        heads = self.bbox_embed if bbox_embed_diff_each_layer else [self.bbox_embed]
+        with torch.no_grad():
+            for head in heads:
+                head.layers[-1].weight.zero_()
+                head.layers[-1].bias.zero_()
+            self.class_embed.bias.fill_(-math.log((1 - 0.01) / 0.01))  # prior probability 0.01
+        self.inverse_sigmoid_eps = inverse_sigmoid_eps
+
+    @classmethod
+    def from_config(cls, cfg):
+        d = cfg.MODEL.DETR
+        if d.DAB.QUERY_DIM != 4:
+            raise ValueError(f"MODEL.DETR.DAB.QUERY_DIM must be 4, got {d.DAB.QUERY_DIM}")
+        if d.PRE_NORM:
+            raise ValueError("DABDETR has post-norm layers only: set MODEL.DETR.PRE_NORM False")
+        ret = super().from_config(cfg)
+        ret.update(
+            position_temperature=d.DAB.TEMPERATURE,
+            num_patterns=d.DAB.NUM_PATTERNS,
+            random_refpoints_xy=d.DAB.RANDOM_REFPOINTS_XY,
+            bbox_embed_diff_each_layer=d.DAB.BBOX_EMBED_DIFF_EACH_LAYER,
+            inverse_sigmoid_eps=d.DAB.INVERSE_SIGMOID_EPS,
+        )
+        return ret
+
+    # ---------------------------------------------------------------- queries and heads
+    def _box_heads(self):
+        if self.bbox_embed_diff_each_layer:
+            return list(self.bbox_embed)
+        return [self.bbox_embed] * self.transformer.num_decoder_layers
+
+    def detection_queries(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Content (B, N, d) and anchor boxes (B, N, 4) of the detection queries.
+
+        N = Q, or P * Q with P patterns: query ``p * Q + q`` has pattern p and anchor q.
+        """
+        boxes = self.refpoint_embed.weight.sigmoid()  # (Q, 4)
+        if self.patterns is None:
+            content = boxes.new_zeros(boxes.shape[0], self.transformer.d_model)
+        else:
+            content = self.patterns.weight.repeat_interleave(boxes.shape[0], dim=0)
+            boxes = boxes.repeat(self.num_patterns, 1)
+        return (
+            content[None].expand(batch_size, -1, -1),
+            boxes[None].expand(batch_size, -1, -1),
+        )
+
+    def predict(self, hs, reference_boxes) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Heads of every layer.
+
+        Args:
+            hs (Tensor): (L, B, N, d) normalised decoder outputs.
+            reference_boxes (Tensor): (L, B, N, 4) every layer's input anchors.
+
+        Returns:
+            tuple[Tensor, Tensor]: logits (L, B, N, C) and cxcywh boxes (L, B, N, 4) in [0, 1].
+        """
+        if self.bbox_embed_diff_each_layer:
+            deltas = torch.stack([head(h) for head, h in zip(self.bbox_embed, hs)])
+        else:
+            deltas = self.bbox_embed(hs)
+        boxes = (deltas + inverse_sigmoid(reference_boxes, self.inverse_sigmoid_eps)).sigmoid()
+        return self.class_embed(hs), boxes
+
+    def decode(self, encoded, queries: List[Tuple[torch.Tensor, torch.Tensor]]):
+        """Decode query sets that do not attend to each other.
+
+        Args:
+            encoded (dict): output of :meth:`encode`.
+            queries: list of (content (B, N_i, d), anchor boxes (B, N_i, 4)).
+
+        Returns:
+            list[tuple[Tensor, Tensor]]: per set, hidden states (L, B, N_i, d) and input
+            reference boxes (L, B, N_i, 4).
+        """
+        args = (encoded["memory"], encoded["pos"], encoded["mask"])
+        heads = self._box_heads()
+        if self.group_decoding == "separate" or len(queries) == 1:
+            return [self.transformer.decode(c, *args, b, heads) for c, b in queries]
+        sizes = [c.shape[1] for c, _ in queries]
+        content = torch.cat([c for c, _ in queries], dim=1)
+        boxes = torch.cat([b for _, b in queries], dim=1)
+        mask = block_diagonal_mask(sizes, self.device)
+        hs, refs = self.transformer.decode(content, *args, boxes, heads, self_attn_mask=mask)
+        return list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
+
+    def _parse_groups(self, groups, batch_size):
+        """Validate extra query groups; returns [(content (B, M, d), boxes (B, M, 4))]."""
+        d = self.transformer.d_model
+        parsed = []
+        for g, group in enumerate(groups):
+            if not isinstance(group, Mapping):
+                raise TypeError(f"extra query group {g} must be a dict, got {type(group).__name__}")
+            unknown = set(group) - {"boxes", "content"}
+            if unknown or group.get("boxes") is None:
+                raise ValueError(
+                    f"extra query group {g}: DABDETR expects 'boxes' (B or 1, M, 4) and optional "
+                    f"'content' (B or 1, M, d); got keys {sorted(group)} (positional queries are "
+                    "computed from the boxes)"
+                )
+            boxes, content = group["boxes"], group.get("content")
+            if boxes.dim() != 3 or boxes.shape[0] not in (1, batch_size) or boxes.shape[2] != 4:
+                raise ValueError(
+                    f"extra query group {g}: 'boxes' must be (B={batch_size} or 1, M, 4), "
+                    f"got {tuple(boxes.shape)}"
+                )
+            shape = (batch_size, boxes.shape[1], d)
+            if content is None:
+                content = boxes.new_zeros(shape)
+            elif (
+                content.dim() != 3
+                or content.shape[0] not in (1, batch_size)
+                or content.shape[1:] != shape[1:]
+            ):
+                raise ValueError(
+                    f"extra query group {g}: 'content' must be (B={batch_size} or 1, "
+                    f"M={shape[1]}, d={d}), got {tuple(content.shape)}"
+                )
+            boxes = boxes.to(content.dtype).expand(batch_size, -1, -1)
+            parsed.append((content.expand(shape), boxes))
+        return parsed
+
+    def forward_raw(self, images: ImagesLike, extra_query_groups: Optional[List[Dict]] = None):
+        """Raw outputs of every decoder layer for the detection queries and extra query groups.
+
+        Args:
+            images: ImageList of normalised images, or (tensor (B, 3, H, W), mask (B, H, W)).
+            extra_query_groups: optional list of dicts {"boxes": (B|1, M, 4) cxcywh in [0, 1],
+                "content": optional (B|1, M, d)}.
+
+        Returns:
+            dict as :meth:`DETR.forward_raw` (K = C sigmoid logits); "layers" and every entry
+            of "groups" also hold "reference_boxes" (L, B, N, 4), each layer's input anchors.
+        """
+        encoded = self.encode(images)
+        bsz = encoded["memory"].shape[0]
+        groups = self._parse_groups(extra_query_groups or [], bsz)
+        per_set = []
+        for hs, refs in self.decode(encoded, [self.detection_queries(bsz)] + groups):
+            logits, boxes = self.predict(hs, refs)
+            per_set.append(
+                {
+                    "pred_logits": logits,
+                    "pred_boxes": boxes,
+                    "hidden_states": hs,
+                    "reference_boxes": refs,
+                }
+            )
+        layers = per_set[0]
+        aux = [
+            {"pred_logits": logits, "pred_boxes": boxes}
+            for logits, boxes in zip(layers["pred_logits"][:-1], layers["pred_boxes"][:-1])
+        ]
+        return {
+            "pred_logits": layers["pred_logits"][-1],
+            "pred_boxes": layers["pred_boxes"][-1],
+            "aux_outputs": aux if self.aux_loss else [],
+            "layers": layers,
+            "groups": per_set[1:],
+            "encoder": encoded,
+        }

@@ -1,0 +1,10 @@
+# Copyright (c) kd_detr contributors.
+from .build import TRANSFORMER_REGISTRY, build_transformer
+from .detr_transformer import (
+    DETRTransformer,
+    TransformerDecoder,
+    TransformerDecoderLayer,
+    TransformerEncoder,
+    TransformerEncoderLayer,
+)
+from .layers import FFN, MLP, MultiheadAttention, build_activation, multi_head_attention

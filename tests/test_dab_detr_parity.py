@@ -1,0 +1,189 @@
+# Copyright (c) kd_detr contributors.
+"""kd_detr DABDETR vs Hugging Face ``DabDetrForObjectDetection`` (random weights, float32, eval).
+
+The Hugging Face model is saved with ``save_pretrained``, converted by
+``tools/convert_checkpoint.py --source hf`` and loaded into the model of
+``configs/tests/dab_detr_tiny_parity.yaml``; every decoder layer's logits, boxes and input
+anchors must match. Hugging Face's per-layer outputs are its decoder's normalised hidden states
+and reference points with the heads applied as ``DabDetrForObjectDetection.forward`` does.
+"""
+import importlib.util
+import os
+import tempfile
+import unittest
+from unittest import mock
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from kd_detr.checkpoint import convert_hf_dab_detr, hf_dab_detr_config_mismatches
+from kd_detr.config import add_kd_detr_config
+from kd_detr.modeling.meta_arch import DABDETR  # noqa: F401  (registers DABDETR)
+
+from .common import REPO_ROOT, require_module
+
+CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
+TOLERANCE = 1e-4
+
+
+def _load_cli():
+    """Import tools/convert_checkpoint.py (tools/ is not a package)."""
+    path = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("kd_detr_convert_checkpoint_dab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_cfg(opts=()):
+    cfg = get_cfg()
+    add_kd_detr_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def build_hf_dab_detr(transformers, seed: int = 0, hf_resnet: bool = False, **overrides):
+    """The Hugging Face twin of the parity config; random weights perturbed so that no bias,
+    box-head weight or normalisation parameter keeps its constant initial value."""
+    kwargs = dict(
+        hidden_size=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_queries=10,
+        num_labels=5,
+        dropout=0.0,
+    )
+    kwargs.update(overrides)
+    if hf_resnet:  # transformers' own ResNet-18 instead of timm's
+        kwargs["backbone_config"] = transformers.ResNetConfig(
+            depths=[2, 2, 2, 2],
+            hidden_sizes=[64, 128, 256, 512],
+            layer_type="basic",
+            out_features=["stage4"],
+        )
+    else:
+        kwargs.update(backbone="resnet18", use_pretrained_backbone=False)
+    torch.manual_seed(seed)
+    model = transformers.DabDetrForObjectDetection(transformers.DabDetrConfig(**kwargs)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            elif tensor.is_floating_point():
+                tensor.add_(0.1 * torch.randn(tensor.shape, generator=gen))
+    return model
+
+
+def padded_batch(seed: int = 1):
+    """Two normalised images (96x128 and 64x96) zero-padded to 96x128, and the padding mask."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.zeros(2, 3, 96, 128)
+    mask = torch.ones(2, 96, 128, dtype=torch.bool)
+    for i, (h, w) in enumerate([(96, 128), (64, 96)]):
+        images[i, :, :h, :w] = torch.randn(3, h, w, generator=gen)
+        mask[i, :h, :w] = False
+    return images, mask
+
+
+def hf_layer_outputs(hf, images, mask):
+    """Hugging Face logits (L, B, Q, C), boxes and input anchors (L, B, Q, 4) of every layer."""
+    from transformers.models.dab_detr.modeling_dab_detr import inverse_sigmoid
+
+    out = hf.model(pixel_values=images, pixel_mask=(~mask).long())
+    hidden, refs = out.intermediate_hidden_states, out.reference_points
+    boxes = (hf.bbox_predictor(hidden) + inverse_sigmoid(refs)).sigmoid()
+    return hf.class_embed(hidden), boxes, refs
+
+
+class TestDABDETRParity(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.transformers = require_module("transformers")
+        require_module("timm")
+        require_module("safetensors")
+        cls.cli = _load_cli()
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tmp = self._tmp.name
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def convert_and_load(self, hf, opts=()):
+        """save_pretrained -> CLI -> DetectionCheckpointer; returns our model in eval mode."""
+        zero_biases = [n for n, p in hf.named_parameters() if n.endswith("bias") and (p == 0).any()]
+        self.assertEqual(zero_biases, [])
+        folder, output = os.path.join(self.tmp, "hf"), os.path.join(self.tmp, "dab.pth")
+        hf.save_pretrained(folder)
+        self.cli.main(["--source", "hf", "--config-file", CONFIG, folder, output, *opts])
+        model = build_model(tiny_cfg(opts)).eval()
+        checkpointer = DetectionCheckpointer(model)
+        with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
+            checkpointer.load(output)
+        incompatible = log.call_args[0][0]
+        self.assertEqual(incompatible.missing_keys, [])
+        self.assertEqual(incompatible.unexpected_keys, [])
+        self.assertEqual(incompatible.incorrect_shapes, [])
+        return model
+
+    def assert_parity(self, model, hf, num_layers, num_queries):
+        images, mask = padded_batch()
+        with torch.no_grad():
+            ours = model.forward_raw((images, mask))["layers"]
+            theirs = hf_layer_outputs(hf, images, mask)
+            final = hf(pixel_values=images, pixel_mask=(~mask).long())
+        self.assertEqual(tuple(ours["pred_logits"].shape), (num_layers, 2, num_queries, 5))
+        for name, a, b in [
+            ("logits", ours["pred_logits"], theirs[0]),
+            ("boxes", ours["pred_boxes"], theirs[1]),
+            ("input anchors", ours["reference_boxes"], theirs[2]),
+            ("final logits", ours["pred_logits"][-1], final.logits),
+            ("final boxes", ours["pred_boxes"][-1], final.pred_boxes),
+        ]:
+            self.assertLessEqual((a - b).abs().max().item(), TOLERANCE, name)
+        # Not degenerate: the refinement moved the boxes away from the anchors.
+        self.assertGreater((ours["pred_boxes"] - ours["reference_boxes"]).abs().max().item(), 0.02)
+
+    def test_parity_timm_resnet18(self):
+        hf = build_hf_dab_detr(self.transformers)
+        self.assert_parity(self.convert_and_load(hf), hf, num_layers=2, num_queries=10)
+
+    def test_parity_hf_resnet18_patterns_keep_query_pos(self):
+        hf = build_hf_dab_detr(
+            self.transformers,
+            seed=1,
+            hf_resnet=True,
+            decoder_layers=3,
+            num_patterns=3,
+            keep_query_pos=True,
+        )
+        opts = ["MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.DAB.NUM_PATTERNS", "3"]
+        model = self.convert_and_load(hf, opts + ["MODEL.DETR.DAB.KEEP_QUERY_POS", "True"])
+        self.assert_parity(model, hf, num_layers=3, num_queries=30)
+
+    def test_config_mismatch_and_bad_keys(self):
+        hf = build_hf_dab_detr(self.transformers)
+        config = hf.config.to_dict()
+        self.assertEqual(hf_dab_detr_config_mismatches(config, tiny_cfg()), [])
+        cfg = tiny_cfg(["MODEL.DETR.DAB.TEMPERATURE", "10.0", "MODEL.DETR.NUM_QUERIES", "12"])
+        problems = hf_dab_detr_config_mismatches(config, cfg)
+        self.assertIn("temperature_height=20 but MODEL.DETR.DAB.TEMPERATURE=10.0", problems)
+        self.assertIn("num_queries=10 but MODEL.DETR.NUM_QUERIES=12", problems)
+        state = dict(hf.state_dict())
+        state["model.extra_head.weight"] = torch.zeros(1)
+        with self.assertRaisesRegex(ValueError, "model.extra_head.weight"):
+            convert_hf_dab_detr(state, config)
+
+
+if __name__ == "__main__":
+    unittest.main()

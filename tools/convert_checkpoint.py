@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+# Copyright (c) kd_detr contributors.
+"""Convert a third-party detector checkpoint to kd_detr weights ({"model": state_dict} .pth).
+
+    python tools/convert_checkpoint.py --source hf --config-file CFG HF_FOLDER OUTPUT.pth [KEY VAL]
+
+``--source hf``: INPUT is a folder written by transformers' ``save_pretrained`` (config.json and
+weights); its model type is read from config.json (supported: see kd_detr.checkpoint.HF_CONVERTERS).
+The config describes the kd_detr model the weights are for: it is checked against the source
+config, the model is built on the CPU and the converted keys and shapes must match it exactly.
+Load the result with ``MODEL.WEIGHTS OUTPUT.pth``.
+"""
+import argparse
+import logging
+import sys
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from kd_detr import add_kd_detr_config
+from kd_detr.checkpoint import HF_CONVERTERS, check_state_dict_keys, read_hf_folder
+
+logger = logging.getLogger("kd_detr.convert_checkpoint")
+
+
+def setup_cfg(config_file, opts):
+    cfg = get_cfg()
+    add_kd_detr_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return cfg
+
+
+def convert_hf(input_path, cfg):
+    """Hugging Face ``save_pretrained`` folder -> kd_detr state dict."""
+    state_dict, config = read_hf_folder(input_path)
+    model_type = config.get("model_type")
+    if model_type not in HF_CONVERTERS:
+        raise ValueError(
+            f"Unsupported Hugging Face model type {model_type!r} in {input_path}/config.json; "
+            f"supported: {sorted(HF_CONVERTERS)}"
+        )
+    convert, config_mismatches = HF_CONVERTERS[model_type]
+    problems = config_mismatches(config, cfg)
+    if problems:
+        raise ValueError(
+            f"{input_path} ({model_type}) does not match the kd_detr config:\n  - "
+            + "\n  - ".join(problems)
+        )
+    return convert(state_dict, config)
+
+
+# Checkpoint source -> function(input path, frozen cfg) -> kd_detr state dict.
+SOURCES = {"hf": convert_hf}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="checkpoint kind")
+    parser.add_argument("--config-file", required=True, help="kd_detr config of the target model")
+    parser.add_argument("input", help="source checkpoint (for hf: a save_pretrained folder)")
+    parser.add_argument("output", help="output .pth, {'model': state_dict}")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import kd_detr.modeling.meta_arch  # noqa: F401  (registers the meta-architectures)
+
+    cfg = setup_cfg(args.config_file, args.opts)
+    state_dict = SOURCES[args.source](args.input, cfg)
+    model = build_model(cfg)
+    check_state_dict_keys(state_dict, model.state_dict())
+    torch.save({"model": state_dict}, args.output)
+    logger.info(f"Wrote {len(state_dict)} tensors to {args.output}")
+    return args.output
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    sys.exit(0 if main() else 1)

@@ -240,5 +240,27 @@ class TestDABDETR(unittest.TestCase):
         self.assertLess(totals[-1], 0.8 * totals[0], totals)
 
 
+class TestDABDETRConfigs(unittest.TestCase):
+    def test_recipe_configs_build(self):
+        coco_train_images, batch = 117266, 16
+        for depth in (18, 50, 101):
+            name = f"dab_detr_R_{depth}_50ep_coco.yaml"
+            path = os.path.join(REPO_ROOT, "configs", "dab_detr", name)
+            cfg = get_cfg()
+            add_kd_detr_config(cfg)
+            cfg.merge_from_file(path)
+            cfg.MODEL.DEVICE = "cpu"
+            self.assertEqual(cfg.SOLVER.MAX_ITER, math.ceil(50 * coco_train_images / batch))
+            self.assertEqual(tuple(cfg.SOLVER.STEPS), (40 * coco_train_images // batch,))
+            model = build_model(cfg)
+            self.assertIsInstance(model, DABDETR)
+            self.assertEqual(model.refpoint_embed.weight.shape, (300, 4))
+            self.assertEqual(model.class_embed.out_features, 80)
+            self.assertEqual(model.test_topk, 300)
+            self.assertEqual(cfg.SOLVER.OPTIMIZER, "ADAMW")
+            self.assertEqual(cfg.SOLVER.BACKBONE_MULTIPLIER, 0.1)
+            self.assertEqual(cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE, "full_model")
+
+
 if __name__ == "__main__":
     unittest.main()

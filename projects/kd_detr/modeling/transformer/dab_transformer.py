@@ -250,7 +250,10 @@ class DABTransformer(nn.Module):
     """DAB-DETR's transformer: ``encode`` the feature map once, ``decode`` any anchor-box queries.
 
     The encoder is DETR's post-norm encoder whose positional encoding is rescaled per token and
-    layer by ``query_scale(x)`` (an MLP of the current features).
+    layer by ``query_scale(x)`` (an MLP of the current features). Beyond the registry contract,
+    ``decode`` also returns every layer's input anchors, and takes the box heads used for the
+    refinement (they belong to the meta-architecture). Anchors need w, h > 0 (width/height
+    modulation divides by them).
 
     Args:
         d_model (int): width d.

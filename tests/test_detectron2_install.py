@@ -6,7 +6,6 @@ import unittest
 import numpy as np
 import torch
 
-import detectron2
 from detectron2 import _C
 
 STANDIN = getattr(_C, "KD_DETR_STANDIN", False)
@@ -24,7 +23,7 @@ class TestStandin(unittest.TestCase):
     def test_layers_import_and_version(self):
         import detectron2.layers  # noqa: F401  (fails without a _C module)
 
-        self.assertEqual(detectron2.__version__, "0.6")
+        self.assertEqual(detectron2.__version__, "0.6")  # the pinned sdist
         self.assertEqual(importlib.metadata.version("detectron2"), "0.6")
 
     def test_deformable_conv(self):
@@ -58,11 +57,13 @@ class TestStandin(unittest.TestCase):
 
         pooler = ROIAlignRotated((2, 2), spatial_scale=1.0, sampling_ratio=0)
         rois = torch.tensor([[0.0, 4.0, 4.0, 4.0, 4.0, 0.0]])
-        self.assert_missing("roi_align_rotated_forward", lambda: pooler(torch.rand(1, 1, 8, 8), rois))
+        features = torch.rand(1, 1, 8, 8)
+        self.assert_missing("roi_align_rotated_forward", lambda: pooler(features, rois))
 
     def test_cocoeval_opt(self):
-        from detectron2.evaluation.fast_eval_api import COCOeval_opt
         from pycocotools.coco import COCO
+
+        from detectron2.evaluation.fast_eval_api import COCOeval_opt
 
         gt = COCO()
         gt.dataset = {

@@ -72,7 +72,8 @@ class TestTrainNet(unittest.TestCase):
             self.assertEqual(json.load(f)["mode"], "eval_only")
 
     def test_class_count_mismatch_is_a_clear_error(self):
-        args = _args("OUTPUT_DIR", os.path.join(self.tmp, "bad"), "MODEL.ROI_HEADS.NUM_CLASSES", "3")
+        out = os.path.join(self.tmp, "bad")
+        args = _args("OUTPUT_DIR", out, "MODEL.ROI_HEADS.NUM_CLASSES", "3")
         with self.assertRaises(ValueError) as ctx:
             train_net.setup(args)
         message = str(ctx.exception)

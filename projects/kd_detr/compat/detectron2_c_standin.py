@@ -29,7 +29,8 @@ class _MissingOp:
         self.__qualname__ = name
 
     def __call__(self, *args, **kwargs):
-        raise MissingCompiledOpError(f"detectron2._C.{self.__name__} is not available: {_BUILD_HINT}")
+        message = f"detectron2._C.{self.__name__} is not available: {_BUILD_HINT}"
+        raise MissingCompiledOpError(message)
 
     def __repr__(self):
         return f"<missing detectron2._C op {self.__name__}>"

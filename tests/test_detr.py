@@ -21,7 +21,8 @@ from kd_detr import add_kd_detr_config
 from kd_detr.modeling import box_ops
 from kd_detr.modeling.criterion import SetCriterion
 from kd_detr.modeling.matcher import HungarianMatcher
-from kd_detr.modeling.meta_arch import DETR, check_num_classes
+from kd_detr.modeling.meta_arch import DETR
+from kd_detr.modeling.num_classes import check_num_classes
 from kd_detr.modeling.position_encoding import PositionEmbeddingSine
 from kd_detr.modeling.transformer import DETRTransformer, MultiheadAttention
 
@@ -396,7 +397,7 @@ class TestDETR(unittest.TestCase):
         add_kd_detr_config(cfg)
         cfg.DATASETS.TRAIN = (name,)
         cfg.MODEL.DETR.NUM_CLASSES = 3
-        check_num_classes(cfg)  # matching count: no error
+        check_num_classes(cfg, "MODEL.DETR.NUM_CLASSES")  # matching count: no error
 
     def _groups(self):
         gen = torch.Generator().manual_seed(3)

@@ -4,24 +4,19 @@ import json
 import logging
 import os
 
-from detectron2.data import DatasetMapper, MetadataCatalog, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
 from ..compat.ddp import patch_detectron2_create_ddp_model
 from ..data.detr_augmentation import build_detr_train_augmentation
 from ..evaluation import build_evaluator
+from ..modeling.num_classes import check_num_classes
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "validate_num_classes", "write_metrics_json"]
 
 logger = logging.getLogger(__name__)
-
-# Config key holding the class count of each meta-architecture family.
-_NUM_CLASSES_KEYS = {
-    "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
-    "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
-}
 
 
 class Trainer(DefaultTrainer):
@@ -55,36 +50,9 @@ class Trainer(DefaultTrainer):
         return build_evaluator(cfg, dataset_name, output_folder)
 
 
-def _get_key(cfg, dotted):
-    node = cfg
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
 def validate_num_classes(cfg):
-    """Check that the model's class count equals the training dataset's.
-
-    Raises:
-        ValueError: naming both numbers and the dataset, when they differ.
-    """
-    arch = cfg.MODEL.META_ARCHITECTURE
-    key = _NUM_CLASSES_KEYS.get(arch)
-    if key is None and "DETR" in cfg.MODEL and (arch.upper().endswith("DETR") or arch == "DINO"):
-        key = "MODEL.DETR.NUM_CLASSES"
-    if key is None or not cfg.DATASETS.TRAIN:
-        return
-    dataset = cfg.DATASETS.TRAIN[0]
-    classes = MetadataCatalog.get(dataset).get("thing_classes", None)
-    if classes is None:
-        return
-    expected = _get_key(cfg, key)
-    if expected != len(classes):
-        raise ValueError(
-            f"{key} is {expected} but dataset '{dataset}' has {len(classes)} classes "
-            f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}). "
-            f"Set {key} {len(classes)} in the config or on the command line."
-        )
+    """Check the model's class count against the training dataset (see check_num_classes)."""
+    check_num_classes(cfg)
 
 
 def write_metrics_json(cfg, results, extra=None):

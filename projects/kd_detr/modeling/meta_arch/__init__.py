@@ -1,3 +1,3 @@
 # Copyright (c) kd_detr contributors.
 from .dab_detr import DABDETR, block_diagonal_mask
-from .detr import DETR, check_num_classes, padding_mask
+from .detr import DETR, padding_mask

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
@@ -16,31 +15,13 @@ from detectron2.structures import Boxes, ImageList, Instances
 from ..box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
+from ..num_classes import check_num_classes
 from ..position_encoding import PositionEmbeddingSine
 from ..transformer import MLP, build_transformer
 
-__all__ = ["DETR", "check_num_classes", "padding_mask"]
+__all__ = ["DETR", "padding_mask"]
 
 ImagesLike = Union[ImageList, Tuple[torch.Tensor, torch.Tensor]]
-
-
-def check_num_classes(cfg, key: str = "MODEL.DETR.NUM_CLASSES"):
-    """Raise ValueError when ``key`` differs from the class count of ``cfg.DATASETS.TRAIN[0]``.
-
-    Does nothing when no training dataset is set or its metadata has no ``thing_classes``.
-    """
-    if not cfg.DATASETS.TRAIN:
-        return
-    dataset = cfg.DATASETS.TRAIN[0]
-    classes = MetadataCatalog.get(dataset).get("thing_classes", None)
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    if classes is not None and value != len(classes):
-        raise ValueError(
-            f"{key} is {value} but the training dataset '{dataset}' has {len(classes)} "
-            f"thing_classes; set {key} {len(classes)}."
-        )
 
 
 def padding_mask(images: ImageList) -> torch.Tensor:
@@ -126,7 +107,7 @@ class DETR(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        check_num_classes(cfg)
+        check_num_classes(cfg, "MODEL.DETR.NUM_CLASSES")
         d = cfg.MODEL.DETR
         matcher = HungarianMatcher(
             cost_class=d.COST_CLASS,

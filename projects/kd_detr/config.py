@@ -2,6 +2,8 @@
 """Config keys added by kd_detr: ``add_kd_detr_config(cfg)`` is the only entry point."""
 from detectron2.config import CfgNode as CN
 
+from .distill.config import add_kd_config
+
 
 def add_kd_detr_config(cfg):
     """Add kd_detr's keys to a Detectron2 config (in place). Call before ``merge_from_file``."""
@@ -11,6 +13,7 @@ def add_kd_detr_config(cfg):
     _add_solver_config(cfg)
     _add_detr_config(cfg)
     _add_dab_detr_config(cfg)
+    add_kd_config(cfg)
 
 
 def _add_data_config(cfg):

@@ -7,43 +7,23 @@ The Hugging Face model is saved with ``save_pretrained``, converted by
 anchors must match. Hugging Face's per-layer outputs are its decoder's normalised hidden states
 and reference points with the heads applied as ``DabDetrForObjectDetection.forward`` does.
 """
-import importlib.util
 import os
-import tempfile
 import unittest
-from unittest import mock
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
-
 from kd_detr.checkpoint import convert_hf_dab_detr, hf_dab_detr_config_mismatches
-from kd_detr.config import add_kd_detr_config
 from kd_detr.modeling.meta_arch import DABDETR  # noqa: F401  (registers DABDETR)
 
-from .common import REPO_ROOT, require_module
+from .common import REPO_ROOT
+from .hf_reference import HFParityTestCase, parity_cfg
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
 TOLERANCE = 1e-4
 
 
-def _load_cli():
-    """Import tools/convert_checkpoint.py (tools/ is not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("kd_detr_convert_checkpoint_dab", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_cfg(opts=()):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return parity_cfg(CONFIG, opts)
 
 
 def build_hf_dab_detr(transformers, seed: int = 0, hf_resnet: bool = False, **overrides):
@@ -104,37 +84,12 @@ def hf_layer_outputs(hf, images, mask):
     return hf.class_embed(hidden), boxes, refs
 
 
-class TestDABDETRParity(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.transformers = require_module("transformers")
-        require_module("timm")
-        require_module("safetensors")
-        cls.cli = _load_cli()
+class TestDABDETRParity(HFParityTestCase):
+    CONFIG = CONFIG
 
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
-
-    def convert_and_load(self, hf, opts=()):
+    def convert_hf(self, hf, opts=()):
         """save_pretrained -> CLI -> DetectionCheckpointer; returns our model in eval mode."""
-        zero_biases = [n for n, p in hf.named_parameters() if n.endswith("bias") and (p == 0).any()]
-        self.assertEqual(zero_biases, [])
-        folder, output = os.path.join(self.tmp, "hf"), os.path.join(self.tmp, "dab.pth")
-        hf.save_pretrained(folder)
-        self.cli.main(["--source", "hf", "--config-file", CONFIG, folder, output, *opts])
-        model = build_model(tiny_cfg(opts)).eval()
-        checkpointer = DetectionCheckpointer(model)
-        with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-            checkpointer.load(output)
-        incompatible = log.call_args[0][0]
-        self.assertEqual(incompatible.missing_keys, [])
-        self.assertEqual(incompatible.unexpected_keys, [])
-        self.assertEqual(incompatible.incorrect_shapes, [])
-        return model
+        return self.convert_and_load(self.save_hf(hf), opts)[0]
 
     def assert_parity(self, model, hf, num_layers, num_queries):
         images, mask = padded_batch()
@@ -156,7 +111,7 @@ class TestDABDETRParity(unittest.TestCase):
 
     def test_parity_timm_resnet18(self):
         hf = build_hf_dab_detr(self.transformers)
-        self.assert_parity(self.convert_and_load(hf), hf, num_layers=2, num_queries=10)
+        self.assert_parity(self.convert_hf(hf), hf, num_layers=2, num_queries=10)
 
     def test_parity_hf_resnet18_patterns_keep_query_pos(self):
         hf = build_hf_dab_detr(
@@ -168,7 +123,7 @@ class TestDABDETRParity(unittest.TestCase):
             keep_query_pos=True,
         )
         opts = ["MODEL.DETR.DEC_LAYERS", "3", "MODEL.DETR.DAB.NUM_PATTERNS", "3"]
-        model = self.convert_and_load(hf, opts + ["MODEL.DETR.DAB.KEEP_QUERY_POS", "True"])
+        model = self.convert_hf(hf, opts + ["MODEL.DETR.DAB.KEEP_QUERY_POS", "True"])
         self.assert_parity(model, hf, num_layers=3, num_queries=30)
 
     def test_config_mismatch_and_bad_keys(self):

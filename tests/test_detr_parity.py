@@ -11,39 +11,22 @@ heads applied after ``decoder.layernorm``; the last layer is the model's own out
 (``auxiliary_loss=True`` is not used: it feeds the normalised states to the next layer, which
 changes the forward pass relative to DETR.)
 """
-import importlib.util
 import json
 import os
-import tempfile
 import unittest
-from unittest import mock
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr import add_kd_detr_config
 from kd_detr.checkpoint import check_state_dict_keys, convert_hf_detr
 from kd_detr.modeling.meta_arch import DETR  # noqa: F401  (registers DETR)
 
-from .common import REPO_ROOT, require_module
+from .common import REPO_ROOT
+from .hf_reference import HFParityTestCase, parity_cfg
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
 TOLERANCE = 1e-4
-
-
-def _load_cli():
-    """Import tools/convert_checkpoint.py (tools/ is not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("kd_detr_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-convert_checkpoint = _load_cli()
 
 
 def _hf_config(transformers, backbone):
@@ -105,52 +88,18 @@ def _inputs(seed=1):
     return images, mask
 
 
-def _build_ours(opts=()):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return build_model(cfg).eval()
-
-
-class TestDETRParity(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.transformers = require_module("transformers")
-        require_module("timm")
-        require_module("safetensors")
-
-    def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.tmp = self._tmp.name
-
-    def tearDown(self):
-        self._tmp.cleanup()
+class TestDETRParity(HFParityTestCase):
+    CONFIG = CONFIG
 
     def _save_hf(self, backbone):
         torch.manual_seed(0)
         hf = self.transformers.DetrForObjectDetection(_hf_config(self.transformers, backbone))
         _perturb_(hf.eval())
-        biases = [n for n, p in hf.named_parameters() if n.endswith("bias") and (p == 0).any()]
-        self.assertEqual(biases, [])
-        folder = os.path.join(self.tmp, "hf")
-        hf.save_pretrained(folder)
-        return hf, folder
+        return hf, self.save_hf(hf)
 
     def _check_parity(self, backbone, opts=()):
         hf, folder = self._save_hf(backbone)
-        output = os.path.join(self.tmp, "detr.pth")
-        argv = ["--source", "hf", "--config-file", CONFIG, folder, output, *opts]
-        convert_checkpoint.main(argv)
-
-        ours = _build_ours(opts)
-        checkpointer = DetectionCheckpointer(ours)
-        with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-            checkpointer.load(output)
-        incompatible = log.call_args[0][0]
-        self.assertEqual(incompatible.missing_keys, [])
-        self.assertEqual(incompatible.unexpected_keys, [])
-        self.assertEqual(incompatible.incorrect_shapes, [])
+        ours, output = self.convert_and_load(folder, opts)
         ours.load_state_dict(torch.load(output)["model"], strict=True)
 
         images, mask = _inputs()
@@ -190,13 +139,13 @@ class TestDETRParity(unittest.TestCase):
         torch.save({}, os.path.join(folder, "pytorch_model.bin"))
         argv = ["--source", "hf", "--config-file", CONFIG, folder, os.path.join(self.tmp, "o.pth")]
         with self.assertRaisesRegex(ValueError, "Unsupported Hugging Face model type 'yolos'"):
-            convert_checkpoint.main(argv)
+            self.cli.main(argv)
 
     def test_cli_rejects_config_mismatch(self):
         _, folder = self._save_hf("resnet18")
         argv = ["--source", "hf", "--config-file", CONFIG, folder, os.path.join(self.tmp, "o.pth")]
         with self.assertRaisesRegex(ValueError, "num_queries=10 but MODEL.DETR.NUM_QUERIES=12"):
-            convert_checkpoint.main(argv + ["MODEL.DETR.NUM_QUERIES", "12"])
+            self.cli.main(argv + ["MODEL.DETR.NUM_QUERIES", "12"])
 
     def test_converter_lists_bad_keys(self):
         hf, _ = self._save_hf("resnet18")
@@ -209,7 +158,7 @@ class TestDETRParity(unittest.TestCase):
         converted = convert_hf_detr(state, config)
         del converted["class_embed.bias"]
         with self.assertRaisesRegex(ValueError, r"missing \(1\): \['class_embed.bias'\]"):
-            check_state_dict_keys(converted, _build_ours().state_dict())
+            check_state_dict_keys(converted, build_model(parity_cfg(CONFIG)).eval().state_dict())
 
 
 if __name__ == "__main__":

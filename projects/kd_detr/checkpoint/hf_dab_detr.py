@@ -3,7 +3,7 @@
 
 Supported backbones: timm's ResNet (``use_timm_backbone``, the Hugging Face default and the
 IDEA-Research/dab-detr-* checkpoints) and transformers' own ``ResNet``, renamed as for DETR
-(:mod:`.hf_detr`). Hugging Face ties ``model.decoder.bbox_embed`` to ``bbox_predictor`` (only the
+(:mod:`.hf_common`). Hugging Face ties ``model.decoder.bbox_embed`` to ``bbox_predictor`` (only the
 latter is written by ``save_pretrained``); kd_detr keeps one head, ``bbox_embed``, so the decoder
 copy is dropped after checking that it equals the predictor.
 
@@ -16,11 +16,15 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .hf_detr import _backbone_facts, _convert_backbone
+from .hf_common import (
+    BACKBONE_PREFIX,
+    config_mismatches,
+    convert_backbone,
+    transformer_config_pairs,
+)
 
 __all__ = ["convert_hf_dab_detr", "hf_dab_detr_config_mismatches"]
 
-_BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
 _TIMM = "_backbone."  # transformers' TimmBackbone wraps the timm model in ``_backbone``
 
 # (pattern, replacement) applied with re.fullmatch to keys outside the backbone and the layers.
@@ -119,8 +123,8 @@ def convert_hf_dab_detr(
     for key, value in hf_state_dict.items():
         if key.endswith("num_batches_tracked"):
             continue
-        if key.startswith(_BACKBONE_PREFIX):
-            backbone[key[len(_BACKBONE_PREFIX) :]] = value
+        if key.startswith(BACKBONE_PREFIX):
+            backbone[key[len(BACKBONE_PREFIX) :]] = value
         elif key.startswith("model.decoder.bbox_embed."):
             tied = "bbox_predictor." + key[len("model.decoder.bbox_embed.") :]
             if tied in hf_state_dict and not torch.equal(hf_state_dict[tied], value):
@@ -135,11 +139,11 @@ def convert_hf_dab_detr(
     if timm:
         backbone = {k[len(_TIMM) :]: v for k, v in backbone.items()}
     kind = "timm_backbone" if timm else "resnet"
-    backbone, backbone_unconverted = _convert_backbone(backbone, kind)
+    backbone, backbone_unconverted = convert_backbone(backbone, kind)
     converted.update(backbone)
-    unconverted += [_BACKBONE_PREFIX + k for k in backbone_unconverted]
+    unconverted += [BACKBONE_PREFIX + k for k in backbone_unconverted]
     if not backbone:
-        unconverted.append("(no backbone keys under model.backbone.conv_encoder.model.)")
+        unconverted.append(f"(no backbone keys under {BACKBONE_PREFIX})")
     if unconverted:
         raise ValueError(
             f"{len(unconverted)} Hugging Face DabDetr keys were not converted (unsupported model "
@@ -154,28 +158,13 @@ def hf_dab_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
     Returns:
         list[str]: one readable line per mismatch (empty when the configs agree).
     """
-    d, problems = cfg.MODEL.DETR, []
-    num_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
-    pairs = [
-        ("hidden_size", "MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM),
-        ("encoder_layers", "MODEL.DETR.ENC_LAYERS", d.ENC_LAYERS),
-        ("decoder_layers", "MODEL.DETR.DEC_LAYERS", d.DEC_LAYERS),
-        ("encoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
-        ("decoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
-        ("encoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
-        ("decoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
-        ("num_queries", "MODEL.DETR.NUM_QUERIES", d.NUM_QUERIES),
-        ("activation_function", "MODEL.DETR.ACTIVATION", d.ACTIVATION),
+    d = cfg.MODEL.DETR
+    pairs = transformer_config_pairs(cfg, "hidden_size") + [
         ("num_patterns", "MODEL.DETR.DAB.NUM_PATTERNS", d.DAB.NUM_PATTERNS),
         ("keep_query_pos", "MODEL.DETR.DAB.KEEP_QUERY_POS", d.DAB.KEEP_QUERY_POS),
         ("temperature_height", "MODEL.DETR.DAB.TEMPERATURE", d.DAB.TEMPERATURE),
         ("temperature_width", "MODEL.DETR.DAB.TEMPERATURE", d.DAB.TEMPERATURE),
     ]
-    for hf_key, key, ours in pairs:
-        if hf_config.get(hf_key) != ours:
-            problems.append(f"{hf_key}={hf_config.get(hf_key)!r} but {key}={ours!r}")
-    if num_labels != d.NUM_CLASSES:
-        problems.append(f"num_labels={num_labels} but MODEL.DETR.NUM_CLASSES={d.NUM_CLASSES}")
     checks = [
         (cfg.MODEL.META_ARCHITECTURE == "DABDETR", "MODEL.META_ARCHITECTURE must be 'DABDETR'"),
         (d.USE_FOCAL_LOSS, "DAB-DETR has C sigmoid logits: MODEL.DETR.USE_FOCAL_LOSS must be True"),
@@ -189,14 +178,4 @@ def hf_dab_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
         ),
         (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
     ]
-    problems += [message for ok, message in checks if not ok]
-    depth, stride_in_1x1 = _backbone_facts(hf_config)
-    if depth is None:
-        problems.append("unsupported Hugging Face backbone (expected ResNet-18/34/50/101/152)")
-    elif depth != cfg.MODEL.RESNETS.DEPTH:
-        problems.append(
-            f"backbone is ResNet-{depth} but MODEL.RESNETS.DEPTH={cfg.MODEL.RESNETS.DEPTH}"
-        )
-    if depth is not None and depth >= 50 and stride_in_1x1 != cfg.MODEL.RESNETS.STRIDE_IN_1X1:
-        problems.append(f"MODEL.RESNETS.STRIDE_IN_1X1 must be {stride_in_1x1}")
-    return problems
+    return config_mismatches(hf_config, cfg, pairs, checks)

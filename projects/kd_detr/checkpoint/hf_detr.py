@@ -15,7 +15,13 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 
-from ..modeling.backbone import convert_torchvision_resnet
+from .hf_common import (
+    BACKBONE_PREFIX,
+    apply_rules,
+    config_mismatches,
+    convert_backbone,
+    transformer_config_pairs,
+)
 
 __all__ = [
     "convert_hf_detr",
@@ -26,35 +32,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_NORM = r"(weight|bias|running_mean|running_var)"
-
 # Canonical (on-disk) spellings of the keys renamed by transformers >= 5.
 _CANONICAL = [
     (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
     (r"\.o_proj\.", ".out_proj."),
     (r"\.layers\.(\d+)\.mlp\.fc(\d)\.", r".layers.\1.fc\2."),
-]
-
-_STAGE = r"encoder\.stages\.(\d)\.layers\.(\d+)\."
-_HF_RESNET = [
-    (r"embedder\.embedder\.convolution\.weight$", "stem.conv1.weight"),
-    (rf"embedder\.embedder\.normalization\.{_NORM}$", r"stem.conv1.norm.\1"),
-    (
-        _STAGE + r"shortcut\.convolution\.weight$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.weight",
-    ),
-    (
-        _STAGE + rf"shortcut\.normalization\.{_NORM}$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.norm.{m[3]}",
-    ),
-    (
-        _STAGE + r"layer\.(\d)\.convolution\.weight$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.weight",
-    ),
-    (
-        _STAGE + rf"layer\.(\d)\.normalization\.{_NORM}$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.norm.{m[4]}",
-    ),
 ]
 
 _ENC_LAYER = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"}
@@ -88,13 +70,6 @@ def _transformer_key(key):
     return f"transformer.{part}.layers.{index}.{module}.{rest}"
 
 
-def _apply(rules, key):
-    for pattern, repl in rules:
-        if re.search(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
-
-
 def _backbone_kind(hf_config):
     bb = hf_config.get("backbone_config") or {}
     kind = bb.get("model_type", "timm_backbone" if hf_config.get("use_timm_backbone") else None)
@@ -103,20 +78,6 @@ def _backbone_kind(hf_config):
             f"Unsupported Hugging Face DETR backbone type {kind!r} (expected timm or HF ResNet)"
         )
     return kind
-
-
-def _convert_backbone(state_dict, kind):
-    """Backbone keys (prefix stripped) -> ``backbone.*`` keys; returns (converted, unconverted)."""
-    if kind == "timm_backbone":  # torchvision names
-        return convert_torchvision_resnet(state_dict, prefix="backbone."), []
-    converted, unconverted = {}, []
-    for key, value in state_dict.items():
-        new = _apply(_HF_RESNET, key)
-        if new is None:
-            unconverted.append(key)
-        else:
-            converted["backbone." + new] = value
-    return converted, unconverted
 
 
 def convert_hf_detr(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mapping) -> Dict:
@@ -136,7 +97,6 @@ def convert_hf_detr(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mappin
     if model_type != "detr":
         raise ValueError(f"convert_hf_detr expects model_type 'detr', got {model_type!r}")
     kind = _backbone_kind(hf_config)
-    prefix = "model.backbone.conv_encoder.model."
     backbone, converted, unconverted = {}, {}, []
     for key, value in hf_state_dict.items():
         canonical = key
@@ -144,17 +104,17 @@ def convert_hf_detr(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mappin
             canonical = re.sub(pattern, repl, canonical)
         if canonical.endswith("num_batches_tracked"):
             continue
-        if canonical.startswith(prefix):
-            backbone[canonical[len(prefix) :]] = value
+        if canonical.startswith(BACKBONE_PREFIX):
+            backbone[canonical[len(BACKBONE_PREFIX) :]] = value
             continue
-        new = _transformer_key(canonical) or _apply(_HEADS, canonical)
+        new = _transformer_key(canonical) or apply_rules(_HEADS, canonical)
         if new is None:
             unconverted.append(key)
         else:
             converted[new] = value
-    backbone, backbone_unconverted = _convert_backbone(backbone, kind)
+    backbone, backbone_unconverted = convert_backbone(backbone, kind)
     converted.update(backbone)
-    unconverted += [prefix + k for k in backbone_unconverted]
+    unconverted += [BACKBONE_PREFIX + k for k in backbone_unconverted]
     if unconverted:
         raise ValueError(
             f"{len(unconverted)} Hugging Face DETR keys were not converted (unsupported model "
@@ -182,47 +142,13 @@ def check_state_dict_keys(converted: Mapping[str, torch.Tensor], model_state: Ma
         raise ValueError("Converted checkpoint does not match the model: " + "; ".join(problems))
 
 
-def _timm_depth(name):
-    m = re.match(r"^(?:timm/)?resnet(18|34|50|101|152)(?:\..*)?$", name or "")
-    return None if m is None else int(m[1])
-
-
-def _backbone_facts(hf_config) -> Tuple[int, bool]:
-    """(ResNet depth or None, stride in the 1x1 conv) of the Hugging Face backbone."""
-    bb = hf_config.get("backbone_config") or {}
-    if bb.get("model_type") == "resnet":
-        blocks = tuple(bb.get("depths", ()))
-        basic = bb.get("layer_type") == "basic"
-        table = {(2, 2, 2, 2): 18, (3, 4, 6, 3): 34 if basic else 50, (3, 4, 23, 3): 101}
-        table[(3, 8, 36, 3)] = 152
-        return table.get(blocks), bool(bb.get("downsample_in_bottleneck", False))
-    return _timm_depth(bb.get("backbone", hf_config.get("backbone"))), False
-
-
 def hf_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
     """Differences between a Hugging Face DETR ``config.json`` and a kd_detr config.
 
     Returns:
         list[str]: one readable line per mismatch (empty when the configs agree).
     """
-    d, problems = cfg.MODEL.DETR, []
-    num_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
-    pairs = [
-        ("d_model", "MODEL.DETR.HIDDEN_DIM", d.HIDDEN_DIM),
-        ("encoder_layers", "MODEL.DETR.ENC_LAYERS", d.ENC_LAYERS),
-        ("decoder_layers", "MODEL.DETR.DEC_LAYERS", d.DEC_LAYERS),
-        ("encoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
-        ("decoder_attention_heads", "MODEL.DETR.NHEADS", d.NHEADS),
-        ("encoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
-        ("decoder_ffn_dim", "MODEL.DETR.DIM_FEEDFORWARD", d.DIM_FEEDFORWARD),
-        ("num_queries", "MODEL.DETR.NUM_QUERIES", d.NUM_QUERIES),
-        ("activation_function", "MODEL.DETR.ACTIVATION", d.ACTIVATION),
-    ]
-    for hf_key, key, ours in pairs:
-        if hf_config.get(hf_key) != ours:
-            problems.append(f"{hf_key}={hf_config.get(hf_key)!r} but {key}={ours!r}")
-    if num_labels != d.NUM_CLASSES:
-        problems.append(f"num_labels={num_labels} but MODEL.DETR.NUM_CLASSES={d.NUM_CLASSES}")
+    d = cfg.MODEL.DETR
     checks = [
         (cfg.MODEL.META_ARCHITECTURE == "DETR", "MODEL.META_ARCHITECTURE must be 'DETR'"),
         (not d.PRE_NORM, "Hugging Face DETR is post-norm but MODEL.DETR.PRE_NORM is True"),
@@ -233,17 +159,7 @@ def hf_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
         ),
         (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
     ]
-    problems += [message for ok, message in checks if not ok]
-    depth, stride_in_1x1 = _backbone_facts(hf_config)
-    if depth is None:
-        problems.append("unsupported Hugging Face backbone (expected ResNet-18/34/50/101/152)")
-    elif depth != cfg.MODEL.RESNETS.DEPTH:
-        problems.append(
-            f"backbone is ResNet-{depth} but MODEL.RESNETS.DEPTH={cfg.MODEL.RESNETS.DEPTH}"
-        )
-    if depth is not None and depth >= 50 and stride_in_1x1 != cfg.MODEL.RESNETS.STRIDE_IN_1X1:
-        problems.append(f"MODEL.RESNETS.STRIDE_IN_1X1 must be {stride_in_1x1}")
-    return problems
+    return config_mismatches(hf_config, cfg, transformer_config_pairs(cfg, "d_model"), checks)
 
 
 def read_hf_folder(path: str) -> Tuple[Dict[str, torch.Tensor], Dict]:

@@ -76,7 +76,6 @@ class DABDETR(DETR):
             )
         hidden_dim = self.transformer.d_model
         num_layers = self.transformer.num_decoder_layers
-        del self.query_embed  # DETR's positional queries are replaced by anchors
         self.refpoint_embed = nn.Embedding(self.num_queries, 4)
         if random_refpoints_xy:
             with torch.no_grad():
@@ -115,6 +114,10 @@ class DABDETR(DETR):
         return ret
 
     # ---------------------------------------------------------------- queries and heads
+    def _build_detection_queries(self, hidden_dim: int) -> None:
+        """No DETR positional queries: the anchors (``refpoint_embed``) and content patterns are
+        created by :meth:`__init__` once its arguments are set, after the heads."""
+
     def _box_heads(self):
         if self.bbox_embed_diff_each_layer:
             return list(self.bbox_embed)
@@ -237,16 +240,4 @@ class DABDETR(DETR):
                     "reference_boxes": refs,
                 }
             )
-        layers = per_set[0]
-        aux = [
-            {"pred_logits": logits, "pred_boxes": boxes}
-            for logits, boxes in zip(layers["pred_logits"][:-1], layers["pred_boxes"][:-1])
-        ]
-        return {
-            "pred_logits": layers["pred_logits"][-1],
-            "pred_boxes": layers["pred_boxes"][-1],
-            "aux_outputs": aux if self.aux_loss else [],
-            "layers": layers,
-            "groups": per_set[1:],
-            "encoder": encoded,
-        }
+        return self._pack_outputs(per_set, encoded)

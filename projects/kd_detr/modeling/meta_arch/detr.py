@@ -99,7 +99,7 @@ class DETR(nn.Module):
         self.position_encoding = PositionEmbeddingSine(
             hidden_dim // 2, temperature=position_temperature, normalize=True
         )
-        self.query_embed = nn.Embedding(num_queries, hidden_dim)
+        self._build_detection_queries(hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes + (0 if self.use_focal else 1))
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
@@ -147,6 +147,11 @@ class DETR(nn.Module):
             "test_topk": d.TEST_TOPK,
             "group_decoding": d.GROUP_DECODING,
         }
+
+    def _build_detection_queries(self, hidden_dim: int) -> None:
+        """Create the learned detection queries, called by :meth:`__init__` between the input
+        projection and the heads. DETR: ``query_embed``, Q positional embeddings of width d."""
+        self.query_embed = nn.Embedding(self.num_queries, hidden_dim)
 
     @property
     def device(self):
@@ -313,6 +318,11 @@ class DETR(nn.Module):
         for hs in hs_all:
             logits, boxes = self.predict(hs)
             per_set.append({"pred_logits": logits, "pred_boxes": boxes, "hidden_states": hs})
+        return self._pack_outputs(per_set, encoded)
+
+    def _pack_outputs(self, per_set: List[Dict], encoded: Dict) -> Dict:
+        """:meth:`forward_raw` outputs from the per-layer outputs of every query set (the
+        detection queries first, then the extra groups) and the :meth:`encode` dict."""
         layers = per_set[0]
         aux = [
             {"pred_logits": logits, "pred_boxes": boxes}

@@ -16,7 +16,7 @@ from torch import nn
 from detectron2.config import configurable
 
 from .build import TRANSFORMER_REGISTRY
-from .detr_transformer import TransformerEncoderLayer
+from .detr_transformer import TransformerEncoderLayer, transformer_args_from_config, xavier_init_
 from .layers import FFN, MLP, multi_head_attention
 
 __all__ = [
@@ -299,36 +299,21 @@ class DABTransformer(nn.Module):
         self.d_model = d_model
         self.nhead = nhead
         self.num_decoder_layers = num_decoder_layers
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self)
 
     @classmethod
     def from_config(cls, cfg):
         d = cfg.MODEL.DETR
         return {
-            "d_model": d.HIDDEN_DIM,
-            "nhead": d.NHEADS,
-            "num_encoder_layers": d.ENC_LAYERS,
-            "num_decoder_layers": d.DEC_LAYERS,
-            "dim_feedforward": d.DIM_FEEDFORWARD,
-            "dropout": d.DROPOUT,
-            "activation": d.ACTIVATION,
+            **transformer_args_from_config(cfg),
             "keep_query_pos": d.DAB.KEEP_QUERY_POS,
             "modulate_hw_attn": d.DAB.MODULATE_HW_ATTN,
             "inverse_sigmoid_eps": d.DAB.INVERSE_SIGMOID_EPS,
         }
 
     def encode(self, src, pos, key_padding_mask):
-        """
-        Args:
-            src (Tensor): (B, S, d) projected, flattened feature map.
-            pos (Tensor): (B, S, d) spatial positional encoding.
-            key_padding_mask (Tensor): (B, S) bool, True on padding.
-
-        Returns:
-            Tensor: (B, S, d) memory.
-        """
+        """(B, S, d) memory of the flattened feature map; arguments as
+        :meth:`DETRTransformer.encode` (``pos`` is rescaled per layer, see the class docstring)."""
         for layer in self.encoder_layers:
             scaled_pos = pos * self.encoder_query_scale(src)
             src = layer(src, pos=scaled_pos, key_padding_mask=key_padding_mask)

@@ -1,6 +1,6 @@
 # Copyright (c) kd_detr contributors.
 """DETR's encoder-decoder (Carion et al., 2020): post-norm by default, batch-first tensors."""
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -23,7 +23,63 @@ def _with_pos(x, pos):
     return x if pos is None else x + pos
 
 
-class TransformerEncoderLayer(nn.Module):
+def transformer_args_from_config(cfg) -> Dict:
+    """Keyword arguments of the DETR-family transformers read from ``cfg.MODEL.DETR``: width,
+    heads, depths, FFN width, dropout and activation."""
+    d = cfg.MODEL.DETR
+    return {
+        "d_model": d.HIDDEN_DIM,
+        "nhead": d.NHEADS,
+        "num_encoder_layers": d.ENC_LAYERS,
+        "num_decoder_layers": d.DEC_LAYERS,
+        "dim_feedforward": d.DIM_FEEDFORWARD,
+        "dropout": d.DROPOUT,
+        "activation": d.ACTIVATION,
+    }
+
+
+def xavier_init_(module: nn.Module) -> None:
+    """Xavier-uniform initialisation of every parameter of ``module`` with two or more dims."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class _ResidualLayer(nn.Module):
+    """Self-attention, then cross-attention (``has_cross_attn``), then FFN, each block with a
+    dropped-out residual and a LayerNorm, after the residual sum (post-norm, as DETR) or before
+    the block (pre-norm). Blocks i = 1, 2 (, 3) use ``norm{i}`` and ``dropout{i}``."""
+
+    has_cross_attn = False
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        pre_norm: bool = False,
+    ):
+        super().__init__()
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        if self.has_cross_attn:
+            self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.ffn = FFN(d_model, dim_feedforward, dropout, activation)
+        blocks = range(1, 4 if self.has_cross_attn else 3)
+        for i in blocks:
+            self.add_module(f"norm{i}", nn.LayerNorm(d_model))
+        for i in blocks:
+            self.add_module(f"dropout{i}", nn.Dropout(dropout))
+        self.pre_norm = pre_norm
+
+    def _residual(self, x, norm: nn.Module, dropout: nn.Module, block):
+        """``x + dropout(block(.))`` with ``norm`` applied before ``block`` or after the sum."""
+        out = x + dropout(block(norm(x) if self.pre_norm else x))
+        return out if self.pre_norm else norm(out)
+
+
+class TransformerEncoderLayer(_ResidualLayer):
     """Self-attention (position added to queries and keys) + FFN, each with a residual.
 
     Args:
@@ -35,24 +91,6 @@ class TransformerEncoderLayer(nn.Module):
         pre_norm (bool): LayerNorm before each block (else after the residual sum, as DETR).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        pre_norm: bool = False,
-    ):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.ffn = FFN(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
-
     def forward(self, src, pos=None, key_padding_mask=None):
         """
         Args:
@@ -63,17 +101,16 @@ class TransformerEncoderLayer(nn.Module):
         Returns:
             Tensor: (B, S, d).
         """
-        x = self.norm1(src) if self.pre_norm else src
-        q = k = _with_pos(x, pos)
-        src = src + self.dropout1(self.self_attn(q, k, x, key_padding_mask=key_padding_mask))
-        if not self.pre_norm:
-            src = self.norm1(src)
-        x = self.norm2(src) if self.pre_norm else src
-        src = src + self.dropout2(self.ffn(x))
-        return src if self.pre_norm else self.norm2(src)
+
+        def self_attn(x):
+            q = k = _with_pos(x, pos)
+            return self.self_attn(q, k, x, key_padding_mask=key_padding_mask)
+
+        src = self._residual(src, self.norm1, self.dropout1, self_attn)
+        return self._residual(src, self.norm2, self.dropout2, self.ffn)
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_ResidualLayer):
     """Self-attention among queries, cross-attention to the encoder memory, then FFN.
 
     Queries get ``query_pos`` in both attentions (queries and keys of the self-attention, queries of
@@ -81,26 +118,7 @@ class TransformerDecoderLayer(nn.Module):
     :class:`TransformerEncoderLayer`.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str = "relu",
-        pre_norm: bool = False,
-    ):
-        super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.cross_attn = MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.ffn = FFN(d_model, dim_feedforward, dropout, activation)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.pre_norm = pre_norm
+    has_cross_attn = True
 
     def forward(
         self,
@@ -124,24 +142,22 @@ class TransformerDecoderLayer(nn.Module):
         Returns:
             Tensor: (B, N, d).
         """
-        x = self.norm1(tgt) if self.pre_norm else tgt
-        q = k = _with_pos(x, query_pos)
-        tgt = tgt + self.dropout1(self.self_attn(q, k, x, attn_mask=self_attn_mask))
-        if not self.pre_norm:
-            tgt = self.norm1(tgt)
-        x = self.norm2(tgt) if self.pre_norm else tgt
-        attn = self.cross_attn(
-            _with_pos(x, query_pos),
-            _with_pos(memory, pos),
-            memory,
-            key_padding_mask=memory_key_padding_mask,
-        )
-        tgt = tgt + self.dropout2(attn)
-        if not self.pre_norm:
-            tgt = self.norm2(tgt)
-        x = self.norm3(tgt) if self.pre_norm else tgt
-        tgt = tgt + self.dropout3(self.ffn(x))
-        return tgt if self.pre_norm else self.norm3(tgt)
+
+        def self_attn(x):
+            q = k = _with_pos(x, query_pos)
+            return self.self_attn(q, k, x, attn_mask=self_attn_mask)
+
+        def cross_attn(x):
+            return self.cross_attn(
+                _with_pos(x, query_pos),
+                _with_pos(memory, pos),
+                memory,
+                key_padding_mask=memory_key_padding_mask,
+            )
+
+        tgt = self._residual(tgt, self.norm1, self.dropout1, self_attn)
+        tgt = self._residual(tgt, self.norm2, self.dropout2, cross_attn)
+        return self._residual(tgt, self.norm3, self.dropout3, self.ffn)
 
 
 class TransformerEncoder(nn.Module):
@@ -230,22 +246,10 @@ class DETRTransformer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        d = cfg.MODEL.DETR
-        return {
-            "d_model": d.HIDDEN_DIM,
-            "nhead": d.NHEADS,
-            "num_encoder_layers": d.ENC_LAYERS,
-            "num_decoder_layers": d.DEC_LAYERS,
-            "dim_feedforward": d.DIM_FEEDFORWARD,
-            "dropout": d.DROPOUT,
-            "activation": d.ACTIVATION,
-            "pre_norm": d.PRE_NORM,
-        }
+        return {**transformer_args_from_config(cfg), "pre_norm": cfg.MODEL.DETR.PRE_NORM}
 
     def _reset_parameters(self):
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_(self)
 
     def encode(self, src, pos, key_padding_mask):
         """

@@ -5,6 +5,7 @@
     python train_net.py --config-file configs/demo/faster_rcnn_efflite0_fpn_demo.yaml
     python train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python train_net.py --config-file CFG --num-gpus 2   # also on CPU: gloo processes
+    python train_net.py --config-file configs/kd_detr/RECIPE.yaml MODEL.KD.TEACHER.WEIGHTS T.pth
 """
 import time
 
@@ -15,7 +16,7 @@ from detectron2.utils import comm
 
 from kd_detr import add_kd_detr_config
 from kd_detr.data import register_demo_datasets, register_from_config
-from kd_detr.engine import Trainer, launch, validate_num_classes, write_metrics_json
+from kd_detr.engine import KDTrainer, Trainer, launch, validate_num_classes, write_metrics_json
 
 
 def setup(args):
@@ -43,7 +44,9 @@ def main(args):
         write_metrics_json(cfg, results, {"mode": "eval_only", "weights": cfg.MODEL.WEIGHTS})
         return results
 
-    trainer = Trainer(cfg)
+    # MODEL.KD.ENABLED: distil the frozen MODEL.KD.TEACHER into the model; --eval-only above
+    # evaluates the plain student either way.
+    trainer = (KDTrainer if cfg.MODEL.KD.ENABLED else Trainer)(cfg)
     trainer.resume_or_load(resume=args.resume)
     start = time.perf_counter()
     trainer.train()

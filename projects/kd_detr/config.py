@@ -3,6 +3,7 @@
 from detectron2.config import CfgNode as CN
 
 from .distill.config import add_kd_config
+from .ov.config import add_ov_config
 
 
 def add_kd_detr_config(cfg):
@@ -14,6 +15,7 @@ def add_kd_detr_config(cfg):
     _add_detr_config(cfg)
     _add_dab_detr_config(cfg)
     add_kd_config(cfg)
+    add_ov_config(cfg)
 
 
 def _add_data_config(cfg):

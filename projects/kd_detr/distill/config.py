@@ -66,10 +66,15 @@ def add_kd_config(cfg):
     # names) and/or "*" (every other student class maps to the teacher class of the same name).
     # Empty: the class lists must be identical.
     kd.CLASS_MAPPING = []
-    # Before training, copy into the student every teacher parameter with the same name and shape
-    # (e.g. the transformer when widths match). Changes what a fair baseline is; the official
-    # recipe does not do it.
+    # Before training, copy into the student every teacher parameter and buffer outside the
+    # backbone with the same name and shape (the transformer, heads and anchors when widths match).
+    # Changes what a fair baseline is; the official recipe does not do it.
     kd.INIT_STUDENT_FROM_TEACHER = False
+    # Multiplier of every KD loss (KDWeightSchedule hook): LOSS_FACTOR, ramped up linearly over
+    # the first WARMUP_ITERS iterations trained with KD (iteration k gets (k + 1) / WARMUP_ITERS;
+    # 0: constant). The ramp's start is checkpointed, so resuming continues it.
+    kd.LOSS_FACTOR = 1.0
+    kd.WARMUP_ITERS = 0
     # Seed of the general points: iteration i uses a generator seeded with hash(SEED, i), the
     # same on every rank and after resuming.
     kd.SEED = 0

@@ -24,12 +24,26 @@ class Trainer(DefaultTrainer):
     DETR augmentation (INPUT.DETR_CROP) and evaluator (``cfg.TEST.EVALUATOR``, faster-coco-eval).
 
     Multi-process runs on CPU wrap the model in DDP without ``device_ids`` (see
-    :mod:`kd_detr.compat.ddp`); everything else is Detectron2's DefaultTrainer.
+    :mod:`kd_detr.compat.ddp`), and checkpoints hold the optimizer state on every Detectron2
+    version; everything else is Detectron2's DefaultTrainer.
     """
 
     def __init__(self, cfg):
         with patch_detectron2_create_ddp_model():
             super().__init__(cfg)
+
+    # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and hook states; later
+    # versions also save the inner trainer's (optimizer, AMP grad scaler) under "_trainer".
+    def state_dict(self):
+        ret = super().state_dict()
+        if "_trainer" not in ret:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict and "load_state_dict" not in DefaultTrainer.__dict__:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -26,8 +26,13 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         ValueError: for an unknown evaluator name.
     """
     name = cfg.TEST.get("EVALUATOR", "coco")
+    if name == "coco_ovd" and name not in EVALUATORS:
+        from ..ov.coco_ovd import COCOOVDEvaluator  # imports this package: import it lazily
+
+        EVALUATORS[name] = COCOOVDEvaluator
     if name not in EVALUATORS:
         raise ValueError(
-            f"Unknown cfg.TEST.EVALUATOR {name!r}; valid names: {', '.join(sorted(EVALUATORS))}"
+            f"Unknown cfg.TEST.EVALUATOR {name!r}; valid names: "
+            f"{', '.join(sorted(set(EVALUATORS) | {'coco_ovd'}))}"
         )
     return EVALUATORS[name](dataset_name, output_dir=output_folder)

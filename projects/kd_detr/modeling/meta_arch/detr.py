@@ -158,27 +158,35 @@ class DETR(nn.Module):
         return self.pixel_mean.device
 
     # ---------------------------------------------------------------- Detectron2 entry point
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: List[Dict], extra_query_groups: Optional[List[Dict]] = None):
         """
         Args:
             batched_inputs: Detectron2 dataset dicts; "image" (C, H, W) in ``INPUT.FORMAT``,
                 "instances" (training: gt_boxes in xyxy pixels of "image", gt_classes), optional
                 "height"/"width" (evaluation: the original image size to rescale boxes to).
+            extra_query_groups: optional extra query groups decoded with the detection queries
+                (see :meth:`forward_raw`), e.g. distillation points. Going through ``forward``
+                (not ``forward_raw``) keeps DistributedDataParallel's gradient sync.
 
         Returns:
             Training: dict of weighted ``loss_*`` scalars. Evaluation: one dict per image with
             "instances" (pred_boxes, scores, pred_classes) in original image coordinates.
+            With ``extra_query_groups`` (even empty): a tuple of the above and the raw
+            :meth:`forward_raw` outputs, whose "groups" entry holds the groups' per-layer outputs.
         """
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_raw(images)
+        outputs = self.forward_raw(images, extra_query_groups)
         if self.training:
-            return self.losses(outputs, self.prepare_targets(batched_inputs, images.image_sizes))
+            loss_dict = self.losses(
+                outputs, self.prepare_targets(batched_inputs, images.image_sizes)
+            )
+            return loss_dict if extra_query_groups is None else (loss_dict, outputs)
         results = self.inference(outputs, images.image_sizes)
         processed = []
         for result, inputs, size in zip(results, batched_inputs, images.image_sizes):
             height, width = inputs.get("height", size[0]), inputs.get("width", size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
-        return processed
+        return processed if extra_query_groups is None else (processed, outputs)
 
     def preprocess_image(self, batched_inputs) -> ImageList:
         """Normalise and pad the images to an ImageList (padding value 0 after normalisation)."""

@@ -1,0 +1,126 @@
+# Copyright (c) kd_detr contributors.
+"""Hooks around the KD training step: teacher sanity, KD loss-weight schedule, point sampler state.
+
+They expect a trainer with ``optimizer``, ``model``, ``iter``, ``storage`` and a settable
+``kd_weight`` (:class:`~kd_detr.engine.kd_trainer.KDTrainer` or its inner trainer).
+"""
+import logging
+from typing import Dict, Optional
+
+from detectron2.engine import HookBase
+
+from ..distill.points import DistillationPointSampler
+from ..distill.teacher import Teacher
+
+__all__ = ["DistillationPointsHook", "KDWeightSchedule", "TeacherSanityHook"]
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherSanityHook(HookBase):
+    """Checks that the teacher is frozen and outside the student; keeps it in eval mode.
+
+    ``before_train`` raises RuntimeError when the teacher is in training mode, has trainable
+    parameters, or shares parameters with the optimizer or the student. ``before_step`` puts a
+    teacher that something switched to training mode back in eval mode.
+    """
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def before_train(self):
+        model = self.teacher.model
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        if model.training or trainable:
+            raise RuntimeError(
+                f"The teacher must be frozen and in eval mode: training={model.training}, "
+                f"{len(trainable)} trainable parameters {trainable[:5]}"
+            )
+        ids = {id(p) for p in model.parameters()}
+        in_optimizer = sum(
+            id(p) in ids for g in self.trainer.optimizer.param_groups for p in g["params"]
+        )
+        in_student = sum(id(p) in ids for p in self.trainer.model.parameters())
+        if in_optimizer or in_student:
+            raise RuntimeError(
+                f"Teacher parameters leaked into training: {in_optimizer} in the optimizer, "
+                f"{in_student} in the student"
+            )
+        logger.info(f"Teacher check passed: {self.teacher}")
+
+    def before_step(self):
+        if self.teacher.model.training:
+            logger.warning("The teacher was switched to training mode; back to eval mode.")
+            self.teacher.model.eval()
+
+
+class KDWeightSchedule(HookBase):
+    """Multiplier of every KD loss: ``factor`` after a linear warm-up of ``warmup_iters``.
+
+    Iteration i gets ``factor * min(1, (i - start + 1) / warmup_iters)`` (``factor`` when
+    ``warmup_iters`` is 0), where ``start`` is the first iteration trained with KD. ``start`` is
+    the hook's checkpointed state, so a resumed run continues the ramp. The value is set as the
+    trainer's ``kd_weight`` before each step and logged as "kd_weight".
+    """
+
+    def __init__(self, factor: float = 1.0, warmup_iters: int = 0):
+        if warmup_iters < 0:
+            raise ValueError(f"MODEL.KD.WARMUP_ITERS must be >= 0, got {warmup_iters}")
+        self.factor = float(factor)
+        self.warmup_iters = int(warmup_iters)
+        self.start_iter: Optional[int] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "KDWeightSchedule":
+        return cls(cfg.MODEL.KD.LOSS_FACTOR, cfg.MODEL.KD.WARMUP_ITERS)
+
+    def value(self, iteration: int) -> float:
+        """The multiplier of ``iteration``."""
+        if self.warmup_iters == 0:
+            return self.factor
+        start = iteration if self.start_iter is None else self.start_iter
+        return self.factor * min(1.0, max(iteration - start + 1, 0) / self.warmup_iters)
+
+    def before_train(self):
+        if self.start_iter is None:
+            self.start_iter = self.trainer.iter
+
+    def before_step(self):
+        weight = self.value(self.trainer.iter)
+        self.trainer.kd_weight = weight
+        self.trainer.storage.put_scalar("kd_weight", weight, smoothing_hint=False)
+
+    def state_dict(self) -> Dict:
+        return {
+            "start_iter": self.start_iter,
+            "factor": self.factor,
+            "warmup_iters": self.warmup_iters,
+        }
+
+    def load_state_dict(self, state: Dict):
+        """Restore the ramp's start; the factor and warm-up length stay the config's."""
+        self.start_iter = state.get("start_iter")
+        saved = (state.get("factor", self.factor), state.get("warmup_iters", self.warmup_iters))
+        if saved != (self.factor, self.warmup_iters):
+            logger.warning(
+                f"KDWeightSchedule: checkpoint had (factor, warmup_iters) = {saved}, the config "
+                f"says {(self.factor, self.warmup_iters)}; using the config."
+            )
+
+
+class DistillationPointsHook(HookBase):
+    """Carries the general point sampler's state in checkpoints.
+
+    The points of iteration i are a pure function of the sampler's settings and i, so restoring
+    the settings (and the trainer's iteration) makes a resumed run draw the points the
+    uninterrupted run would have drawn.
+    """
+
+    def __init__(self, sampler: DistillationPointSampler):
+        self.sampler = sampler
+
+    def state_dict(self) -> Dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: Dict):
+        self.sampler.load_state_dict(state["sampler"])

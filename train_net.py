@@ -16,7 +16,8 @@ from detectron2.utils import comm
 
 from kd_detr import add_kd_detr_config
 from kd_detr.data import register_demo_datasets, register_from_config
-from kd_detr.engine import KDTrainer, Trainer, launch, validate_num_classes, write_metrics_json
+from kd_detr.engine import KDTrainer, Trainer, launch, write_metrics_json
+from kd_detr.modeling.num_classes import check_num_classes
 
 
 def setup(args):
@@ -28,7 +29,7 @@ def setup(args):
     cfg.freeze()
     register_demo_datasets(cfg)
     register_from_config(cfg)
-    validate_num_classes(cfg)
+    check_num_classes(cfg)
     default_setup(cfg, args)
     return cfg
 

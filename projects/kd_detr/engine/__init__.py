@@ -2,4 +2,4 @@
 from .kd_hooks import DistillationPointsHook, KDWeightSchedule, TeacherSanityHook
 from .kd_trainer import KDAMPTrainer, KDSimpleTrainer, KDStepMixin, KDTrainer
 from .launch import launch
-from .trainer import Trainer, validate_num_classes, write_metrics_json
+from .trainer import Trainer, write_metrics_json

@@ -11,10 +11,9 @@ from detectron2.utils import comm
 from ..compat.ddp import patch_detectron2_create_ddp_model
 from ..data.detr_augmentation import build_detr_train_augmentation
 from ..evaluation import build_evaluator
-from ..modeling.num_classes import check_num_classes
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "validate_num_classes", "write_metrics_json"]
+__all__ = ["Trainer", "write_metrics_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +61,6 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         return build_evaluator(cfg, dataset_name, output_folder)
-
-
-def validate_num_classes(cfg):
-    """Check the model's class count against the training dataset (see check_num_classes)."""
-    check_num_classes(cfg)
 
 
 def write_metrics_json(cfg, results, extra=None):

@@ -9,6 +9,10 @@ weights); its model type is read from config.json (supported: see kd_detr.checkp
 The config describes the kd_detr model the weights are for: it is checked against the source
 config, the model is built on the CPU and the converted keys and shapes must match it exactly.
 Load the result with ``MODEL.WEIGHTS OUTPUT.pth``.
+
+``--source detr`` / ``dab_detr`` / ``detrex``: INPUT is a .pth of facebookresearch/detr,
+IDEA-Research/DAB-DETR (or DN-DETR's DN-DAB-DETR) or detrex (DETR, DAB-DETR, DN-DETR); the 91
+COCO category-id slots of official heads become Detectron2's 80 classes (``--coco-classes``).
 """
 import argparse
 import logging
@@ -20,7 +24,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from kd_detr import add_kd_detr_config
-from kd_detr.checkpoint import HF_CONVERTERS, check_state_dict_keys, read_hf_folder
+from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
 
 logger = logging.getLogger("kd_detr.convert_checkpoint")
 
@@ -35,27 +39,9 @@ def setup_cfg(config_file, opts):
     return cfg
 
 
-def convert_hf(input_path, cfg):
-    """Hugging Face ``save_pretrained`` folder -> kd_detr state dict."""
-    state_dict, config = read_hf_folder(input_path)
-    model_type = config.get("model_type")
-    if model_type not in HF_CONVERTERS:
-        raise ValueError(
-            f"Unsupported Hugging Face model type {model_type!r} in {input_path}/config.json; "
-            f"supported: {sorted(HF_CONVERTERS)}"
-        )
-    convert, config_mismatches = HF_CONVERTERS[model_type]
-    problems = config_mismatches(config, cfg)
-    if problems:
-        raise ValueError(
-            f"{input_path} ({model_type}) does not match the kd_detr config:\n  - "
-            + "\n  - ".join(problems)
-        )
-    return convert(state_dict, config)
-
-
-# Checkpoint source -> function(input path, frozen cfg) -> kd_detr state dict.
-SOURCES = {"hf": convert_hf}
+# Checkpoint source -> converter(input, frozen cfg, coco_classes) -> kd_detr state dict; other
+# sources register with kd_detr.checkpoint.register_checkpoint_converter.
+SOURCES = CHECKPOINT_CONVERTERS
 
 
 def build_parser():
@@ -65,6 +51,13 @@ def build_parser():
     parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="checkpoint kind")
     parser.add_argument("--config-file", required=True, help="kd_detr config of the target model")
     parser.add_argument("input", help="source checkpoint (for hf: a save_pretrained folder)")
+    parser.add_argument(
+        "--coco-classes",
+        default="auto",
+        choices=("auto", "map", "keep"),
+        help="official checkpoints' 91 COCO category-id slots: map them to Detectron2's 80 "
+        "classes when the config has 80 (auto), always (map, else an error) or never (keep)",
+    )
     parser.add_argument("output", help="output .pth, {'model': state_dict}")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser
@@ -75,7 +68,7 @@ def main(argv=None):
     import kd_detr.modeling.meta_arch  # noqa: F401  (registers the meta-architectures)
 
     cfg = setup_cfg(args.config_file, args.opts)
-    state_dict = SOURCES[args.source](args.input, cfg)
+    state_dict = SOURCES[args.source](args.input, cfg, coco_classes=args.coco_classes)
     model = build_model(cfg)
     check_state_dict_keys(state_dict, model.state_dict())
     torch.save({"model": state_dict}, args.output)

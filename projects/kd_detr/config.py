@@ -3,6 +3,8 @@
 from detectron2.config import CfgNode as CN
 
 from .distill.config import add_kd_config
+from .modeling.denoising.config import add_denoising_config
+from .modeling.meta_arch.deformable_config import add_deformable_detr_config
 from .ov.config import add_ov_config
 
 
@@ -14,6 +16,8 @@ def add_kd_detr_config(cfg):
     _add_solver_config(cfg)
     _add_detr_config(cfg)
     _add_dab_detr_config(cfg)
+    add_deformable_detr_config(cfg)
+    add_denoising_config(cfg)
     add_kd_config(cfg)
     add_ov_config(cfg)
 
@@ -80,6 +84,7 @@ def _add_solver_config(cfg):
 
 def _add_eval_config(cfg):
     # "coco": faster-coco-eval based COCO box AP with a per-class table.
+    # "lvis": LVIS box AP with APr / APc / APf, top 300 detections per image (kd_detr.ov).
     cfg.TEST.EVALUATOR = "coco"
     # Where train_net.py writes the final metrics JSON ("" = OUTPUT_DIR/metrics_final.json).
     cfg.TEST.METRICS_JSON = ""

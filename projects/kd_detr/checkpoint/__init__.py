@@ -1,13 +1,23 @@
 # Copyright (c) kd_detr contributors.
 """Converters from third-party checkpoints to kd_detr state dicts."""
+from . import detrex, hf_source, official  # noqa: F401  (register CHECKPOINT_CONVERTERS)
 from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches
+from .hf_deformable_detr import (
+    convert_hf_deformable_detr,
+    hf_deformable_detr_config_mismatches,
+)
 from .hf_detr import (
     check_state_dict_keys,
     convert_hf_detr,
     hf_detr_config_mismatches,
     read_hf_folder,
 )
+from .registry import CHECKPOINT_CONVERTERS, register_checkpoint_converter
 
 # Hugging Face ``config.json`` model_type -> (state-dict converter, config-mismatch checker).
 HF_CONVERTERS = {"detr": (convert_hf_detr, hf_detr_config_mismatches)}
 HF_CONVERTERS["dab-detr"] = (convert_hf_dab_detr, hf_dab_detr_config_mismatches)
+HF_CONVERTERS["deformable_detr"] = (
+    convert_hf_deformable_detr,
+    hf_deformable_detr_config_mismatches,
+)

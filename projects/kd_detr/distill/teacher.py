@@ -108,9 +108,18 @@ class Teacher:
         return self.model.forward_raw(self.preprocess_image(batched_inputs), extra_query_groups)
 
     @torch.no_grad()
-    def query_content(self, batch_size: int) -> Optional[torch.Tensor]:
+    def query_content(
+        self, batch_size: int, outputs: Optional[Dict] = None
+    ) -> Optional[torch.Tensor]:
         """(B, N, d_t) content vectors its detection queries start from (zeros for DAB-DETR
-        without patterns), or None for models without box queries."""
+        without patterns), or None for models without box queries.
+
+        ``outputs`` (the teacher's ``forward_raw`` output) supplies them when its "layers" hold
+        "query_content" (Deformable DETR, whose two-stage queries depend on the image).
+        """
+        content = ((outputs or {}).get("layers") or {}).get("query_content")
+        if content is not None:
+            return content
         queries = getattr(self.model, "detection_queries", None)
         return None if queries is None else queries(batch_size)[0]
 

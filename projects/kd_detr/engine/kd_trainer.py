@@ -94,10 +94,14 @@ class KDStepMixin:
         if points == "consistent":
             if sampler is None and not specific:
                 raise ValueError("KD-DETR needs general and/or specific points (MODEL.KD.*)")
-            if not hasattr(unwrap(model), "detection_queries"):
+            student = unwrap(model)
+            if not (
+                hasattr(student, "detection_queries") or getattr(student, "box_query_groups", 0)
+            ):
                 raise ValueError(
-                    f"{type(unwrap(model)).__name__} has no box queries to decode distillation "
-                    "points: use a DAB-DETR student or a baseline MODEL.KD.POINTS mode."
+                    f"{type(student).__name__} has no box queries to decode distillation "
+                    "points: use a DAB-DETR or Deformable DETR student or a baseline "
+                    "MODEL.KD.POINTS mode."
                 )
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.teacher = teacher
@@ -183,7 +187,7 @@ class KDStepMixin:
         t_out = self.teacher(data, [] if general is None else [general])
         groups, names, targets = [], [], []
         if self.specific:
-            content = self.teacher.query_content(len(data))
+            content = self.teacher.query_content(len(data), t_out)
             d_s = self.student.transformer.d_model
             groups.append(specific_points(t_out, d_s, content))
             names.append("specific")

@@ -50,6 +50,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        if cfg.MODEL.get("OV") and cfg.MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0:  # ViLD-image regions
+            from ..ov.vild_data import build_vild_train_loader
+
+            return build_vild_train_loader(cfg)
         if not cfg.INPUT.DETR_CROP.ENABLED:
             return super().build_train_loader(cfg)
         augmentations = build_detr_train_augmentation(cfg)

@@ -30,9 +30,13 @@ def build_evaluator(cfg, dataset_name, output_folder=None):
         from ..ov.coco_ovd import COCOOVDEvaluator  # imports this package: import it lazily
 
         EVALUATORS[name] = COCOOVDEvaluator
+    if name == "lvis" and name not in EVALUATORS:
+        from ..ov.lvis_evaluation import LVISEvaluator  # imports this package: import it lazily
+
+        EVALUATORS[name] = LVISEvaluator
     if name not in EVALUATORS:
         raise ValueError(
             f"Unknown cfg.TEST.EVALUATOR {name!r}; valid names: "
-            f"{', '.join(sorted(set(EVALUATORS) | {'coco_ovd'}))}"
+            f"{', '.join(sorted(set(EVALUATORS) | {'coco_ovd', 'lvis'}))}"
         )
     return EVALUATORS[name](dataset_name, output_dir=output_folder)

@@ -9,6 +9,7 @@ __all__ = ["check_num_classes", "num_classes_key"]
 # Config key holding the class count of each Detectron2 meta-architecture family.
 _NUM_CLASSES_KEYS = {
     "GeneralizedRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
+    "ViLDRCNN": "MODEL.ROI_HEADS.NUM_CLASSES",
     "RetinaNet": "MODEL.RETINANET.NUM_CLASSES",
 }
 

@@ -2,6 +2,9 @@
 """Config keys of the open-vocabulary components (``MODEL.OV.*``)."""
 from detectron2.config import CfgNode as CN
 
+from .detr_config import add_ov_detr_config
+from .vild_config import add_vild_config
+
 __all__ = ["add_ov_config"]
 
 
@@ -39,3 +42,5 @@ def add_ov_config(cfg):
     # Zero the counts of rare ("r") classes, so they are never sampled as negatives (the
     # open-vocabulary setting, where rare classes are unseen; Detic#79).
     cfg.MODEL.OV.FED_LOSS_ZERO_RARE = True
+    add_ov_detr_config(cfg)
+    add_vild_config(cfg)

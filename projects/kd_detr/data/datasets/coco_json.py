@@ -148,7 +148,8 @@ def _split_entry(entry, key, num_fields, example):
 
 
 def register_from_config(cfg):
-    """Register every dataset listed in ``cfg.DATASETS.COCO_JSON`` and ``cfg.DATASETS.VOC``.
+    """Register every dataset listed in ``cfg.DATASETS.COCO_JSON``, ``cfg.DATASETS.VOC`` and
+    ``cfg.DATASETS.COCO_OVD`` (see :mod:`kd_detr.ov.ovd_data`).
 
     Entries are "name,path/to/instances.json,path/to/image_root" and
     "name,path/to/voc_dir,split,class1;class2;...". Names already registered with the same
@@ -178,4 +179,8 @@ def register_from_config(cfg):
             )
         register_voc(name, dirname, split, class_names)
         names.append(name)
+    if cfg.DATASETS.get("COCO_OVD", []):
+        from ...ov.ovd_data import register_coco_ovd_from_config  # kd_detr.ov imports this module
+
+        names += register_coco_ovd_from_config(cfg)
     return names

@@ -1,3 +1,4 @@
 # Copyright (c) kd_detr contributors.
 from .dab_detr import DABDETR, block_diagonal_mask
+from .deformable_detr import DeformableDETR
 from .detr import DETR, padding_mask

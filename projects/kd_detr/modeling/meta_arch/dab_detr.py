@@ -13,6 +13,13 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ..denoising import (
+    DenoisingGenerator,
+    DenoisingQueries,
+    denoising_args_from_config,
+    denoising_loss_key,
+    denoising_losses,
+)
 from ..transformer import MLP
 from ..transformer.dab_transformer import inverse_sigmoid
 from .detr import DETR, ImagesLike
@@ -53,6 +60,7 @@ class DABDETR(DETR):
         random_refpoints_xy: bool = False,
         bbox_embed_diff_each_layer: bool = False,
         inverse_sigmoid_eps: float = 1e-3,
+        denoising: Optional[DenoisingGenerator] = None,
         **kwargs,
     ):
         """
@@ -61,6 +69,8 @@ class DABDETR(DETR):
             random_refpoints_xy: initialise anchor centres uniformly in [0, 1].
             bbox_embed_diff_each_layer: one box head per decoder layer.
             inverse_sigmoid_eps: clamp of :func:`inverse_sigmoid` in box predictions.
+            denoising: DN-DETR training (``MODEL.DETR.DN``); its label embedding also gives the
+                detection queries' content (the "no object" embedding, as DN-DAB-DETR).
             kwargs: arguments of :class:`DETR`; ``transformer`` must be a DABTransformer and
                 ``criterion`` must use the focal loss.
         """
@@ -93,8 +103,15 @@ class DABDETR(DETR):
             for head in heads:
                 head.layers[-1].weight.zero_()
                 head.layers[-1].bias.zero_()
-            self.class_embed.bias.fill_(-math.log((1 - 0.01) / 0.01))  # prior probability 0.01
+            if isinstance(self.class_embed, nn.Linear):  # an open-vocabulary head sets its own
+                self.class_embed.bias.fill_(-math.log((1 - 0.01) / 0.01))  # prior probability 0.01
         self.inverse_sigmoid_eps = inverse_sigmoid_eps
+        if denoising is not None and num_patterns > 0:
+            raise ValueError(
+                "MODEL.DETR.DN.ENABLED does not support content patterns: set "
+                "MODEL.DETR.DAB.NUM_PATTERNS 0"
+            )
+        self.denoising = denoising
 
     @classmethod
     def from_config(cls, cfg):
@@ -111,6 +128,11 @@ class DABDETR(DETR):
             bbox_embed_diff_each_layer=d.DAB.BBOX_EMBED_DIFF_EACH_LAYER,
             inverse_sigmoid_eps=d.DAB.INVERSE_SIGMOID_EPS,
         )
+        if d.DN.ENABLED:
+            dn_args = denoising_args_from_config(cfg)
+            ret["denoising"] = DenoisingGenerator(d.NUM_CLASSES, d.HIDDEN_DIM, **dn_args)
+            weights = ret["criterion"].weight_dict
+            weights.update({denoising_loss_key(k): v for k, v in list(weights.items())})
         return ret
 
     # ---------------------------------------------------------------- queries and heads
@@ -126,10 +148,13 @@ class DABDETR(DETR):
     def detection_queries(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Content (B, N, d) and anchor boxes (B, N, 4) of the detection queries.
 
-        N = Q, or P * Q with P patterns: query ``p * Q + q`` has pattern p and anchor q.
+        N = Q, or P * Q with P patterns: query ``p * Q + q`` has pattern p and anchor q. Content
+        is zeros, the patterns, or with denoising the "no object" label embedding.
         """
         boxes = self.refpoint_embed.weight.sigmoid()  # (Q, 4)
-        if self.patterns is None:
+        if self.denoising is not None:
+            content = self.denoising.matching_content(boxes.shape[0])
+        elif self.patterns is None:
             content = boxes.new_zeros(boxes.shape[0], self.transformer.d_model)
         else:
             content = self.patterns.weight.repeat_interleave(boxes.shape[0], dim=0)
@@ -200,7 +225,7 @@ class DABDETR(DETR):
                 )
             shape = (batch_size, boxes.shape[1], d)
             if content is None:
-                content = boxes.new_zeros(shape)
+                content = self._default_group_content(boxes.shape[1]).to(boxes.dtype)
             elif (
                 content.dim() != 3
                 or content.shape[0] not in (1, batch_size)
@@ -214,23 +239,68 @@ class DABDETR(DETR):
             parsed.append((content.expand(shape), boxes))
         return parsed
 
-    def forward_raw(self, images: ImagesLike, extra_query_groups: Optional[List[Dict]] = None):
+    def _default_group_content(self, num: int) -> torch.Tensor:
+        """(num, d) content of an extra query group given without one: that of the detection
+        queries without patterns (zeros, or the "no object" label embedding with denoising)."""
+        if self.denoising is not None:
+            return self.denoising.matching_content(num)
+        return self.refpoint_embed.weight.new_zeros(num, self.transformer.d_model)
+
+    def decode_with_denoising(self, encoded, queries, denoising: DenoisingQueries):
+        """:meth:`decode` with denoising queries prepended to the detection queries (the first
+        query set). Their attention mask (:func:`denoising_attention_mask`) lets them see the
+        detection queries, and keeps the detection queries, the other groups and the padded
+        slots from seeing them. With ``GROUP_DECODING`` "separate" the extra groups get their own
+        passes; "masked" decodes everything in one pass.
+
+        Returns:
+            tuple: the list of :meth:`decode`, and the denoising queries' (hidden states
+            (L, B, N, d), input reference boxes (L, B, N, 4)).
+        """
+        args = (encoded["memory"], encoded["pos"], encoded["mask"])
+        heads = self._box_heads()
+        joint = queries if self.group_decoding == "masked" else queries[:1]
+        sizes = [denoising.num_queries] + [c.shape[1] for c, _ in joint]
+        content = torch.cat([denoising.content.to(joint[0][0].dtype)] + [c for c, _ in joint], 1)
+        boxes = torch.cat([denoising.boxes.to(joint[0][1].dtype)] + [b for _, b in joint], 1)
+        mask = denoising.attention_mask(sizes[1], sizes[2:])
+        hs, refs = self.transformer.decode(content, *args, boxes, heads, self_attn_mask=mask)
+        parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
+        rest = [self.transformer.decode(c, *args, b, heads) for c, b in queries[len(joint) :]]
+        return parts[1:] + rest, parts[0]
+
+    def forward_raw(
+        self,
+        images: ImagesLike,
+        extra_query_groups: Optional[List[Dict]] = None,
+        denoising: Optional[DenoisingQueries] = None,
+    ):
         """Raw outputs of every decoder layer for the detection queries and extra query groups.
 
         Args:
             images: ImageList of normalised images, or (tensor (B, 3, H, W), mask (B, H, W)).
             extra_query_groups: optional list of dicts {"boxes": (B|1, M, 4) cxcywh in [0, 1],
                 "content": optional (B|1, M, d)}.
+            denoising: optional denoising queries (training with ``MODEL.DETR.DN``; built from
+                the targets by ``self.denoising``).
 
         Returns:
             dict as :meth:`DETR.forward_raw` (K = C sigmoid logits); "layers" and every entry
             of "groups" also hold "reference_boxes" (L, B, N, 4), each layer's input anchors.
+            With ``denoising``, "denoising" holds the same four per-layer tensors for its N
+            queries plus "queries" (the :class:`DenoisingQueries`); "layers" and "groups" keep
+            the detection queries and extra groups only.
         """
         encoded = self.encode(images)
         bsz = encoded["memory"].shape[0]
         groups = self._parse_groups(extra_query_groups or [], bsz)
+        sets = [self.detection_queries(bsz)] + groups
+        if denoising is None:
+            decoded, dn_decoded = self.decode(encoded, sets), None
+        else:
+            decoded, dn_decoded = self.decode_with_denoising(encoded, sets, denoising)
         per_set = []
-        for hs, refs in self.decode(encoded, [self.detection_queries(bsz)] + groups):
+        for hs, refs in decoded + ([dn_decoded] if dn_decoded else []):
             logits, boxes = self.predict(hs, refs)
             per_set.append(
                 {
@@ -240,4 +310,43 @@ class DABDETR(DETR):
                     "reference_boxes": refs,
                 }
             )
-        return self._pack_outputs(per_set, encoded)
+        if dn_decoded is None:
+            return self._pack_outputs(per_set, encoded)
+        outputs = self._pack_outputs(per_set[:-1], encoded)
+        outputs["denoising"] = dict(per_set[-1], queries=denoising)
+        return outputs
+
+    def forward(self, batched_inputs: List[Dict], extra_query_groups: Optional[List[Dict]] = None):
+        """:meth:`DETR.forward`; in training with ``MODEL.DETR.DN`` the targets also become
+        denoising queries and the losses include ``loss_*_dn`` (see :meth:`losses`)."""
+        if not (self.training and self.denoising is not None):
+            return super().forward(batched_inputs, extra_query_groups)
+        images = self.preprocess_image(batched_inputs)
+        targets = self.prepare_targets(batched_inputs, images.image_sizes)
+        outputs = self.forward_raw(images, extra_query_groups, self.denoising(targets))
+        loss_dict = self.losses(outputs, targets)
+        return loss_dict if extra_query_groups is None else (loss_dict, outputs)
+
+    def losses(self, outputs, targets) -> Dict[str, torch.Tensor]:
+        """Weighted detection losses, plus the weighted denoising losses ``loss_*_dn`` (last
+        layer) and ``loss_*_dn_{i}`` (layer i) when denoising is enabled and training; they are
+        zeros for a batch without objects, so the keys never change."""
+        losses = super().losses(outputs, targets)
+        if self.denoising is None or not self.training:
+            return losses
+        weights = self.criterion.weight_dict
+        dn = outputs.get("denoising")
+        if dn is None:
+            zero = outputs["pred_logits"].sum() * 0
+            return dict(losses, **{k: zero for k in weights if "_dn" in k})
+        num_boxes = self.criterion.get_num_boxes(targets, dn["pred_logits"].device)
+        dn_losses = denoising_losses(
+            dn["pred_logits"],
+            dn["pred_boxes"],
+            dn["queries"],
+            num_boxes,
+            self.criterion.focal_alpha,
+            self.criterion.focal_gamma,
+            all_layers=self.aux_loss,
+        )
+        return dict(losses, **{k: v * weights[k] for k, v in dn_losses.items()})

@@ -33,6 +33,14 @@ def padding_mask(images: ImageList) -> torch.Tensor:
     return mask
 
 
+def _build_ov_class_head(cfg) -> Optional[nn.Module]:
+    """The open-vocabulary class head when ``MODEL.OV.DETR_HEAD.ENABLED``, else None."""
+    from ...ov.detr_ov_head import build_detr_ov_class_head  # lazy: avoids an import cycle
+
+    d = cfg.MODEL.DETR
+    return build_detr_ov_class_head(cfg, d.HIDDEN_DIM, d.USE_FOCAL_LOSS)
+
+
 @META_ARCH_REGISTRY.register()
 class DETR(nn.Module):
     """DETR: backbone -> 1x1 projection -> transformer -> class head and 3-layer box MLP.
@@ -60,6 +68,7 @@ class DETR(nn.Module):
         position_temperature: float = 10000.0,
         test_topk: int = 100,
         group_decoding: str = "separate",
+        class_head: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -76,6 +85,8 @@ class DETR(nn.Module):
             position_temperature: temperature of the sine positional encoding.
             test_topk: detections kept per image (0 = all queries).
             group_decoding: "separate" or "masked" (see ``MODEL.DETR.GROUP_DECODING``).
+            class_head: replaces the linear class head (d -> K logits, applied to every decoder
+                layer), e.g. the open-vocabulary head of ``MODEL.OV.DETR_HEAD``.
         """
         super().__init__()
         if group_decoding not in ("separate", "masked"):
@@ -100,7 +111,9 @@ class DETR(nn.Module):
             hidden_dim // 2, temperature=position_temperature, normalize=True
         )
         self._build_detection_queries(hidden_dim)
-        self.class_embed = nn.Linear(hidden_dim, num_classes + (0 if self.use_focal else 1))
+        if class_head is None:
+            class_head = nn.Linear(hidden_dim, num_classes + (0 if self.use_focal else 1))
+        self.class_embed = class_head
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -146,6 +159,7 @@ class DETR(nn.Module):
             "position_temperature": d.POSITION_TEMPERATURE,
             "test_topk": d.TEST_TOPK,
             "group_decoding": d.GROUP_DECODING,
+            "class_head": _build_ov_class_head(cfg),
         }
 
     def _build_detection_queries(self, hidden_dim: int) -> None:

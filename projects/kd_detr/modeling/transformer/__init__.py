@@ -1,5 +1,6 @@
 # Copyright (c) kd_detr contributors.
 from .build import TRANSFORMER_REGISTRY, build_transformer
+from .deformable_transformer import DeformableTransformer
 from .detr_transformer import (
     DETRTransformer,
     TransformerDecoder,

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# The main job: prepare the environment, train and evaluate on the built-in demo dataset, print the
-# results and write a metrics JSON. Extra arguments are config overrides, e.g. SOLVER.MAX_ITER 100.
+# The main job: prepare the environment, then the KD-DETR demo (tools/kd_demo.py): train a teacher
+# (or reuse the cached one), train the student without KD and with KD-DETR for the same
+# iterations, evaluate all three, print a table and write output/kd_demo/kd_demo_results.json.
+# Arguments go to tools/kd_demo.py, e.g. `--seeds 0 1` or `-- SOLVER.IMS_PER_BATCH 4`.
+#
+# With KD_DETR_DEMO_CONFIG set, trains and evaluates that one config instead (arguments are then
+# config overrides), e.g.
+#   KD_DETR_DEMO_CONFIG=configs/demo/faster_rcnn_efflite0_fpn_demo.yaml bash tools/run_demo.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$(bash "$ROOT/tools/bootstrap.sh" | tail -n 1)"
 cd "$ROOT"
-CONFIG="${KD_DETR_DEMO_CONFIG:-configs/demo/dab_detr_efflite0_demo.yaml}"
-OUT="${KD_DETR_DEMO_OUTPUT:-output/demo_dab_detr}"
-"$PY" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$OUT" "$@"
+if [[ -z "${KD_DETR_DEMO_CONFIG:-}" ]]; then
+  exec "$PY" tools/kd_demo.py --python "$PY" "$@"
+fi
+OUT="${KD_DETR_DEMO_OUTPUT:-output/demo}"
+"$PY" train_net.py --config-file "$KD_DETR_DEMO_CONFIG" OUTPUT_DIR "$OUT" "$@"
 "$PY" tools/print_metrics.py "$OUT/metrics_final.json"

@@ -27,6 +27,6 @@ for dataset, tasks in metrics["results"].items():
     print(f"{dataset}: COCO-OVD AP50 (per-class means; classes with ground truth)")
     for split in ("novel", "base", "all"):
         num = int(box[f"AP50-{split}-num_classes"])
-        print(f"  {split:5s} AP50 {box[f'AP50-{split}']:6.2f}  ({num} classes)")
+        print(f"  {split:5s} AP50 {box[f'AP50-{split}']:7.3f}  ({num} classes)")
 print(f"train + eval seconds: {metrics.get('train_and_eval_seconds')}  ({sys.argv[1]})")
 PYEOF

@@ -1,11 +1,13 @@
 # Copyright (c) kd_detr contributors.
-"""detrex checkpoints (``--source detrex``): ``projects/detr`` DETR and ``projects/dab_detr``
-DAB-DETR (``projects/dn_detr``'s label encoder included), chosen by the config's
-meta-architecture. detrex uses Detectron2's ResNet, whose names are ours."""
+"""detrex checkpoints (``--source detrex``): ``projects/detr`` DETR, ``projects/dab_detr``
+DAB-DETR (``projects/dn_detr``'s label encoder included) and ``projects/deformable_detr``
+(:mod:`.detrex_deformable_detr`), chosen by the config's meta-architecture and checked against the
+checkpoint's keys. detrex uses Detectron2's ResNet, whose names are ours."""
 from typing import Dict
 
 import torch
 
+from .detrex_deformable_detr import convert_detrex_deformable_detr, is_detrex_deformable_detr
 from .official import finish_conversion
 from .registry import register_checkpoint_converter
 from .rename import Tied, load_state_dict, rename_keys, split_packed_qkv
@@ -102,11 +104,21 @@ DAB_DETR_RULES = [
 
 @register_checkpoint_converter("detrex")
 def convert_detrex(source, cfg, coco_classes: str = "auto") -> Dict[str, torch.Tensor]:
-    """detrex DETR / DAB-DETR (DN-DETR) checkpoint -> kd_detr state dict for ``cfg``'s
-    meta-architecture (``DETR`` or ``DABDETR``)."""
+    """detrex DETR / DAB-DETR (DN-DETR) / Deformable DETR checkpoint -> kd_detr state dict for
+    ``cfg``'s meta-architecture (``DETR``, ``DABDETR`` or ``DeformableDETR``)."""
     arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "DeformableDETR":
+        return convert_detrex_deformable_detr(load_state_dict(source), cfg, coco_classes)
     rules = {"DETR": DETR_RULES, "DABDETR": DAB_DETR_RULES}.get(arch)
     if rules is None:
-        raise ValueError(f"--source detrex supports DETR and DABDETR configs, got {arch}")
-    state = rename_keys(load_state_dict(source), rules, f"detrex {arch}")
+        raise ValueError(
+            f"--source detrex supports DETR, DABDETR and DeformableDETR configs, got {arch}"
+        )
+    state = load_state_dict(source)
+    if is_detrex_deformable_detr(state):
+        raise ValueError(
+            "this detrex checkpoint is a Deformable DETR (it has transformer.level_embeds): "
+            f"use a DeformableDETR config, not {arch}"
+        )
+    state = rename_keys(state, rules, f"detrex {arch}")
     return finish_conversion(state, cfg, coco_classes)

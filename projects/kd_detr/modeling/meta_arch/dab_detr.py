@@ -5,7 +5,7 @@ It shares DETR's preprocessing, encoder call, losses and inference (:class:`DETR
 the learned positional queries by learned 4-D anchor boxes refined layer by layer.
 """
 import math
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from ..denoising import (
     denoising_loss_key,
     denoising_losses,
 )
+from ..query_groups import check_box_group
 from ..transformer import MLP
 from ..transformer.dab_transformer import inverse_sigmoid
 from .detr import DETR, ImagesLike
@@ -208,35 +209,12 @@ class DABDETR(DETR):
         d = self.transformer.d_model
         parsed = []
         for g, group in enumerate(groups):
-            if not isinstance(group, Mapping):
-                raise TypeError(f"extra query group {g} must be a dict, got {type(group).__name__}")
-            unknown = set(group) - {"boxes", "content"}
-            if unknown or group.get("boxes") is None:
-                raise ValueError(
-                    f"extra query group {g}: DABDETR expects 'boxes' (B or 1, M, 4) and optional "
-                    f"'content' (B or 1, M, d); got keys {sorted(group)} (positional queries are "
-                    "computed from the boxes)"
-                )
-            boxes, content = group["boxes"], group.get("content")
-            if boxes.dim() != 3 or boxes.shape[0] not in (1, batch_size) or boxes.shape[2] != 4:
-                raise ValueError(
-                    f"extra query group {g}: 'boxes' must be (B={batch_size} or 1, M, 4), "
-                    f"got {tuple(boxes.shape)}"
-                )
+            boxes, content = check_box_group(group, g, batch_size, d, "DABDETR")
             shape = (batch_size, boxes.shape[1], d)
             if content is None:
-                content = self._default_group_content(boxes.shape[1]).to(boxes.dtype)
-            elif (
-                content.dim() != 3
-                or content.shape[0] not in (1, batch_size)
-                or content.shape[1:] != shape[1:]
-            ):
-                raise ValueError(
-                    f"extra query group {g}: 'content' must be (B={batch_size} or 1, "
-                    f"M={shape[1]}, d={d}), got {tuple(content.shape)}"
-                )
+                content = self._default_group_content(boxes.shape[1]).to(boxes.dtype).expand(shape)
             boxes = boxes.to(content.dtype).expand(batch_size, -1, -1)
-            parsed.append((content.expand(shape), boxes))
+            parsed.append((content, boxes))
         return parsed
 
     def _default_group_content(self, num: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ feature map by L levels (backbone maps + stride-2 convs) read by multi-scale def
 """
 import copy
 import math
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 
 from ..position_encoding import PositionEmbeddingSine
+from ..query_groups import check_box_group
 from ..transformer import MLP
 from ..transformer.deformable_transformer import reference_logits
 from ..transformer.query_selection import (
@@ -147,8 +148,13 @@ class DeformableDETR(DETR):
             normalize=True,
             offset=-0.5,
         )
-        self._build_heads(d, num_layers + (1 if two_stage else 0))
-        if two_stage:
+        self._build_query_modules(d, num_layers)
+
+    def _build_query_modules(self, d: int, num_layers: int) -> None:
+        """Heads, query embeddings and proposal modules, once the input projection is built
+        (DINO overrides this)."""
+        self._build_heads(d, num_layers + (1 if self.two_stage else 0))
+        if self.two_stage:
             self.encoder_proposals = EncoderProposals(d)
             self.proposal_query = ProposalQueryEmbedding(d)
         else:
@@ -277,32 +283,7 @@ class DeformableDETR(DETR):
         d = self.transformer.d_model
         parsed = []
         for g, group in enumerate(groups):
-            if not isinstance(group, Mapping):
-                raise TypeError(f"extra query group {g} must be a dict, got {type(group).__name__}")
-            if set(group) - {"boxes", "content"} or group.get("boxes") is None:
-                raise ValueError(
-                    f"extra query group {g}: DeformableDETR expects 'boxes' (B or 1, M, 4) and "
-                    f"optional 'content' (B or 1, M, d); got keys {sorted(group)} (positional "
-                    "queries are computed from the boxes)"
-                )
-            boxes, content = group["boxes"], group.get("content")
-            if boxes.dim() != 3 or boxes.shape[0] not in (1, batch_size) or boxes.shape[2] != 4:
-                raise ValueError(
-                    f"extra query group {g}: 'boxes' must be (B={batch_size} or 1, M, 4), "
-                    f"got {tuple(boxes.shape)}"
-                )
-            shape = (batch_size, boxes.shape[1], d)
-            if content is not None:
-                if (
-                    content.dim() != 3
-                    or content.shape[0] not in (1, batch_size)
-                    or content.shape[1:] != shape[1:]
-                ):
-                    raise ValueError(
-                        f"extra query group {g}: 'content' must be (B={batch_size} or 1, "
-                        f"M={shape[1]}, d={d}), got {tuple(content.shape)}"
-                    )
-                content = content.expand(shape)
+            boxes, content = check_box_group(group, g, batch_size, d, "DeformableDETR")
             boxes = boxes.to(self.pixel_mean.dtype).expand(batch_size, -1, -1)
             parsed.append((boxes, content))
         return parsed

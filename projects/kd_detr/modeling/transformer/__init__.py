@@ -8,4 +8,5 @@ from .detr_transformer import (
     TransformerEncoder,
     TransformerEncoderLayer,
 )
+from .dino_transformer import DINOTransformer
 from .layers import FFN, MLP, MultiheadAttention, build_activation, multi_head_attention

@@ -11,6 +11,7 @@ __all__ = [
     "EncoderProposals",
     "ProposalQueryEmbedding",
     "box_sine_embedding_xywh",
+    "topk_indices",
     "topk_proposals",
 ]
 
@@ -86,14 +87,19 @@ class EncoderProposals(nn.Module):
         return self.enc_output_norm(self.enc_output(features)), logits
 
 
-def topk_proposals(scores, coord_logits, k: int):
-    """Coordinate logits (B, k, 4) of the k highest ``scores`` (B, S) per image, detached."""
+def topk_indices(scores, k: int) -> torch.Tensor:
+    """(B, k) indices of the k highest ``scores`` (B, S) per image."""
     if k > scores.shape[1]:
         raise ValueError(
             f"two-stage query selection needs {k} proposals (MODEL.DETR.NUM_QUERIES) but the "
             f"feature maps have only {scores.shape[1]} tokens; use larger images or fewer queries"
         )
-    index = scores.topk(k, dim=1).indices
+    return scores.topk(k, dim=1).indices
+
+
+def topk_proposals(scores, coord_logits, k: int):
+    """Coordinate logits (B, k, 4) of the k highest ``scores`` (B, S) per image, detached."""
+    index = topk_indices(scores, k)
     return coord_logits.gather(1, index[..., None].expand(-1, -1, 4)).detach()
 
 

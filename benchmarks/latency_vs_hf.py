@@ -338,7 +338,7 @@ def build_parser():
     parser.add_argument("--size", type=int, default=512, help="square input side (800: papers)")
     parser.add_argument("--reps", type=int, default=10, help="timed rounds (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler tables")
     parser.add_argument("--seed", type=int, default=0)
     return parser

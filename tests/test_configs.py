@@ -80,6 +80,27 @@ class TestConfigs(unittest.TestCase):
                 epochs = round(cfg.SOLVER.MAX_ITER * batch / coco_images)
                 self.assertEqual(cfg.SOLVER.MAX_ITER, math.ceil(epochs * coco_images / batch))
 
+    def test_dino_recipes_schedule_and_settings(self):
+        # DINO-4scale 1x: 12 epochs at batch 16, lr drop after epoch 11, 900 queries.
+        coco_images, batch = 117266, 16
+        names = [
+            "dino/dino_R_50_4scale_12ep_coco.yaml",
+            "dino/dino_R_101_4scale_12ep_coco.yaml",
+            "kd_detr/kd_dino_R_50_from_R_101_12ep_coco.yaml",
+            "kd_detr/kd_dino_R_18_from_R_50_12ep_coco.yaml",
+        ]
+        for name in names:
+            with self.subTest(config=name):
+                cfg = load_config(os.path.join(REPO_ROOT, "configs", name))
+                self.assertEqual(cfg.SOLVER.IMS_PER_BATCH, batch)
+                self.assertEqual(cfg.SOLVER.MAX_ITER, math.ceil(12 * coco_images / batch))
+                self.assertEqual(cfg.SOLVER.STEPS, (math.ceil(11 * coco_images / batch),))
+                self.assertEqual((cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER), (1e-4, 0.1))
+                d = cfg.MODEL.DETR
+                self.assertEqual((d.NUM_QUERIES, d.DEFORMABLE.NUM_FEATURE_LEVELS), (900, 4))
+                self.assertEqual((d.DN.NUM_QUERIES, d.DN.BOX_NOISE_SCALE), (100, 1.0))
+                self.assertTrue(d.DN.ENABLED and d.DN.CONTRASTIVE)
+
 
 if __name__ == "__main__":
     unittest.main()

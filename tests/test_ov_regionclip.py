@@ -159,6 +159,7 @@ class TestLosses(unittest.TestCase):
                 ["MODEL.OV.EMBED_DIM", "4", "MODEL.OV.REGIONCLIP.CONCEPT_EMBEDDINGS", path,
                  "MODEL.OV.REGIONCLIP.TEMPERATURE", "0.2",
                  "MODEL.OV.REGIONCLIP.CONCEPT_THRESHOLD", "0.3",
+                 "MODEL.OV.REGIONCLIP.CONTRASTIVE_WEIGHT", "1.0",
                  "MODEL.OV.REGIONCLIP.DISTILL_WEIGHT", "0.5"]
             )  # fmt: skip
             module = RegionConceptAlignment(cfg)
@@ -167,8 +168,8 @@ class TestLosses(unittest.TestCase):
         pseudo = pseudo_region_labels(self.teacher, self.concepts, 0.2, 0.3)
         distill = region_concept_distillation_loss(self.student, self.concepts, pseudo, 0.2)
         contrast = region_concept_contrastive_loss(self.student, self.concepts, pseudo, 0.2)
-        self.assertAlmostEqual(losses["loss_region_distill"].item(), 0.5 * distill.item(), 5)
-        self.assertAlmostEqual(losses["loss_region_contrastive"].item(), contrast.item(), 5)
+        self.assertAlmostEqual(losses["loss_regionclip_distill"].item(), 0.5 * distill.item(), 5)
+        self.assertAlmostEqual(losses["loss_regionclip_contrastive"].item(), contrast.item(), 5)
         sum(losses.values()).backward()
         self.assertGreater(self.student.grad.abs().sum().item(), 0.0)
         self.assertFalse(module.concepts.requires_grad)

@@ -13,6 +13,14 @@ Load the result with ``MODEL.WEIGHTS OUTPUT.pth``.
 ``--source detr`` / ``dab_detr`` / ``detrex``: INPUT is a .pth of facebookresearch/detr,
 IDEA-Research/DAB-DETR (or DN-DETR's DN-DAB-DETR) or detrex (DETR, DAB-DETR, DN-DETR); the 91
 COCO category-id slots of official heads become Detectron2's 80 classes (``--coco-classes``).
+
+``--source deformable_detr``: INPUT is a .pth of fundamentalvision/Deformable-DETR (plain,
+``--with_box_refine``, ``--two_stage``); set MODEL.DETR.DEFORMABLE.WITH_BOX_REFINE / TWO_STAGE to
+the checkpoint's variant (a mismatch is an error saying which). ``--source detrex`` with a
+DeformableDETR config converts detrex ``projects/deformable_detr`` checkpoints.
+
+``--source dino``: INPUT is a .pth of IDEA-Research/DINO (4-scale) for a DINO config
+(configs/dino/); its shared heads, 91 COCO slots and 92-row denoising label embedding are mapped.
 """
 import argparse
 import logging

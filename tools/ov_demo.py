@@ -7,11 +7,16 @@ the images with labelled boxes (Detectron2's Visualizer).
         --weights output/ov_dab_detr_coco128/model_final.pth --input img1.jpg img2.jpg \\
         --vocabulary "cat,dog,umbrella" --clip-model ViT-B-32 --clip-pretrained openai \\
         --output demo_out/
+    # ViLD (Faster R-CNN with ViLDROIHeads) models work the same way:
+    python tools/ov_demo.py --config-file configs/ov/vild_efflite0_fpn_coco128_ovd.yaml \\
+        --weights output/vild_coco128/model_final.pth --input img1.jpg --vocabulary "cat,dog" ...
     # or precomputed embeddings (rows named by their JSON sidecar), optionally a subset of them:
     python tools/ov_demo.py ... --text-embeddings my_classes.npy [--vocabulary "cat,dog"]
 
-The vocabulary replaces the one the model was trained with (checkpoints store none); its text
-embeddings must come from the CLIP text encoder the model was trained with (same size).
+The vocabulary replaces the one the model was trained with (checkpoints store none) in the
+DETR-family class head (MODEL.OV.DETR_HEAD) or in the ViLD box predictor's classifier; its text
+embeddings must come from the CLIP text encoder the model was trained with (same size). For
+ViLD models --confidence-threshold is also the ROI heads' test score threshold.
 Config overrides go last: --opts KEY VALUE ...
 """
 import argparse
@@ -87,23 +92,41 @@ def resolve_vocabulary(args):
     return names, emb
 
 
+def _vocabulary_overrides(cfg, args, num_classes: int) -> List[str]:
+    """Config overrides that make the demo vocabulary the class head's only vocabulary."""
+    if cfg.MODEL.OV.DETR_HEAD.ENABLED:
+        return [
+            "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS", "False",
+            "MODEL.DETR.NUM_CLASSES", str(num_classes),
+        ]  # fmt: skip
+    if cfg.MODEL.ROI_HEADS.NAME == "ViLDROIHeads":
+        # training-only parts off: no region cache and no RegionCLIP concept file are needed
+        return [
+            "MODEL.OV.VILD.VOCABULARY_FROM_DATASETS", "False",
+            "MODEL.OV.VILD.IMAGE_LOSS_WEIGHT", "0.0",
+            "MODEL.OV.REGIONCLIP.CONTRASTIVE_WEIGHT", "0.0",
+            "MODEL.OV.REGIONCLIP.DISTILL_WEIGHT", "0.0",
+            "MODEL.ROI_HEADS.NUM_CLASSES", str(num_classes),
+            "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold),
+        ]  # fmt: skip
+    raise ValueError(
+        f"{args.config_file} is not an open-vocabulary model: MODEL.OV.DETR_HEAD.ENABLED is False "
+        f"and MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME!r}, not 'ViLDROIHeads'; use a "
+        "config from configs/ov/"
+    )
+
+
 def setup_cfg(args, embeddings_file: str, num_classes: int):
     """The model's config with the demo vocabulary as its only (train and test) vocabulary."""
     cfg = get_cfg()
     add_kd_detr_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
-    if not cfg.MODEL.OV.DETR_HEAD.ENABLED:
-        raise ValueError(
-            f"{args.config_file} is not an open-vocabulary model: MODEL.OV.DETR_HEAD.ENABLED is "
-            "False"
-        )
     cfg.merge_from_list(
-        [
+        _vocabulary_overrides(cfg, args, num_classes)
+        + [
             "MODEL.OV.TEXT_EMBEDDINGS", embeddings_file,
             "MODEL.OV.TEST_TEXT_EMBEDDINGS", "",
-            "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS", "False",
-            "MODEL.DETR.NUM_CLASSES", str(num_classes),
             "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
             "MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", args.device,
         ]

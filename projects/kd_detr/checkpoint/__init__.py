@@ -1,6 +1,12 @@
 # Copyright (c) kd_detr contributors.
 """Converters from third-party checkpoints to kd_detr state dicts."""
-from . import detrex, hf_source, official, official_deformable_detr  # noqa: F401  (register)
+from . import (  # noqa: F401  (register)
+    detrex,
+    hf_source,
+    official,
+    official_deformable_detr,
+    official_dino,
+)
 from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches
 from .hf_deformable_detr import (
     convert_hf_deformable_detr,

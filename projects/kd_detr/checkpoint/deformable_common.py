@@ -86,6 +86,13 @@ def _check_sizes(state: Mapping[str, torch.Tensor], cfg) -> None:
                 f"{f.NUM_FEATURE_LEVELS} x {points} = {expected} (MODEL.DETR.NHEADS, "
                 f"MODEL.DETR.DEFORMABLE.NUM_FEATURE_LEVELS, MODEL.DETR.DEFORMABLE.{config_key})"
             )
+    ffn = state.get("transformer.encoder.layers.0.ffn.linear1.weight")
+    if ffn is not None and ffn.shape[0] != d.DIM_FEEDFORWARD:
+        raise ValueError(
+            f"FFN width: transformer.encoder.layers.0.ffn.linear1.weight is {tuple(ffn.shape)} "
+            f"but MODEL.DETR.DIM_FEEDFORWARD={d.DIM_FEEDFORWARD} (detrex uses 2048, the official "
+            "code 1024)"
+        )
     queries = state.get("query_embed.weight")
     if queries is not None and queries.shape[0] != d.NUM_QUERIES:
         raise ValueError(

@@ -43,7 +43,8 @@ def _layer_rules(prefix_in: str, prefix_out: str, num_norms: int):
         (prefix_in + rf"ffns\.0\.layers\.1\.{_P}", prefix_out + r"ffn.linear2.\2"),
     ]
     norms = [
-        (prefix_in + rf"norms\.{n}\.{_P}", prefix_out + rf"norm{n + 1}.\2") for n in range(num_norms)
+        (prefix_in + rf"norms\.{n}\.{_P}", prefix_out + rf"norm{n + 1}.\2")
+        for n in range(num_norms)
     ]
     return ffn + norms
 

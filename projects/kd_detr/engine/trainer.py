@@ -50,10 +50,12 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if cfg.MODEL.get("OV") and cfg.MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0:  # ViLD-image regions
+        if cfg.MODEL.get("OV"):
+            from ..ov.vild_config import vild_uses_clip_regions
             from ..ov.vild_data import build_vild_train_loader
 
-            return build_vild_train_loader(cfg)
+            if vild_uses_clip_regions(cfg):  # ViLD-image / RegionCLIP regions
+                return build_vild_train_loader(cfg)
         if not cfg.INPUT.DETR_CROP.ENABLED:
             return super().build_train_loader(cfg)
         augmentations = build_detr_train_augmentation(cfg)

@@ -24,16 +24,20 @@ def add_ov_detr_config(cfg):
 
     # RegionCLIP-style region-concept alignment (kd_detr.ov.regionclip).
     ov.REGIONCLIP = CN()
-    # Concept text embeddings (.npy / .pth, (K, D)), e.g. nouns of a caption corpus.
+    # Concept text embeddings (.npy / .pth, (K, D)), e.g. nouns of a caption corpus ("" in ViLD:
+    # the training vocabulary, MODEL.OV.TEXT_EMBEDDINGS' training rows).
     ov.REGIONCLIP.CONCEPT_EMBEDDINGS = ""
     # Temperature of the region-concept cosine logits (RegionCLIP: 0.01).
     ov.REGIONCLIP.TEMPERATURE = 0.01
     # A region gets a pseudo label only when the teacher's top concept probability is at least
     # this (RegionCLIP's CONCEPT_THRES: 0.1).
     ov.REGIONCLIP.CONCEPT_THRESHOLD = 0.1
-    # Weights of the contrastive region-concept loss and of the teacher-student KL.
-    ov.REGIONCLIP.CONTRASTIVE_WEIGHT = 1.0
-    ov.REGIONCLIP.DISTILL_WEIGHT = 1.0
+    # Weights of the contrastive region-concept loss and of the teacher-student KL (RegionCLIP
+    # pretraining: 1.0 each). 0 = off; either > 0 turns the alignment on in ViLD's ROI heads
+    # (ViLDROIHeads), whose teacher regions are the cached CLIP regions of ViLD-image
+    # (MODEL.OV.VILD.REGION_CACHE_DIR) and whose default concept pool is the training vocabulary.
+    ov.REGIONCLIP.CONTRASTIVE_WEIGHT = 0.0
+    ov.REGIONCLIP.DISTILL_WEIGHT = 0.0
 
     # COCO-OVD splits registered from the config, one string each:
     # "name,path/to/instances.json,path/to/image_root,train|val[,65|80]" (val vocabulary 65 by

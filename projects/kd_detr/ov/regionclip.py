@@ -227,7 +227,7 @@ class RegionConceptAlignment(nn.Module):
             teacher_regions: (N, D) teacher region embeddings or a callable returning them.
 
         Returns:
-            {"loss_region_contrastive", "loss_region_distill"} (weighted scalars).
+            {"loss_regionclip_contrastive", "loss_regionclip_distill"} (weighted scalars).
         """
         pseudo = pseudo_region_labels(
             teacher_regions, self.concepts, self.temperature, self.threshold
@@ -239,6 +239,6 @@ class RegionConceptAlignment(nn.Module):
             student_regions, self.concepts, pseudo, self.temperature
         )
         return {
-            "loss_region_contrastive": self.contrastive_weight * contrastive,
-            "loss_region_distill": self.distill_weight * distill,
+            "loss_regionclip_contrastive": self.contrastive_weight * contrastive,
+            "loss_regionclip_distill": self.distill_weight * distill,
         }

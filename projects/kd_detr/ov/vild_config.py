@@ -2,7 +2,7 @@
 """Config keys of ViLD on Detectron2's Faster R-CNN (``MODEL.OV.VILD.*``)."""
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_vild_config"]
+__all__ = ["add_vild_config", "regionclip_enabled", "vild_uses_clip_regions"]
 
 
 def add_vild_config(cfg):
@@ -41,3 +41,14 @@ def add_vild_config(cfg):
     # novel: in every vocabulary with as many classes, their logits are masked to -inf in the
     # training loss (ViLD multiplies them by 0 instead) and they count as novel in the ensemble.
     cfg.MODEL.OV.VILD.NOVEL_CATEGORIES = ""
+
+
+def regionclip_enabled(cfg) -> bool:
+    """True when a RegionCLIP alignment loss is on (``MODEL.OV.REGIONCLIP.*_WEIGHT > 0``)."""
+    rc = cfg.MODEL.OV.REGIONCLIP
+    return rc.CONTRASTIVE_WEIGHT > 0 or rc.DISTILL_WEIGHT > 0
+
+
+def vild_uses_clip_regions(cfg) -> bool:
+    """True when ViLD training needs the cached CLIP regions (ViLD-image or RegionCLIP losses)."""
+    return cfg.MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0 or regionclip_enabled(cfg)

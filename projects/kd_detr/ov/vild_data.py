@@ -9,6 +9,7 @@ from detectron2.structures import Boxes, Instances
 
 from .clip_regions import ClipRegionCache
 from .ovd_data import expand_data_path
+from .vild_config import vild_uses_clip_regions
 
 __all__ = ["ViLDDatasetMapper", "build_vild_train_loader"]
 
@@ -37,11 +38,12 @@ class ViLDDatasetMapper(DatasetMapper):
     def from_config(cls, cfg, is_train: bool = True):
         ret = super().from_config(cfg, is_train)
         vild = cfg.MODEL.OV.VILD
-        if is_train and vild.IMAGE_LOSS_WEIGHT > 0:
+        if is_train and vild_uses_clip_regions(cfg):
             if not vild.REGION_CACHE_DIR:
                 raise ValueError(
-                    "MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0 needs MODEL.OV.VILD.REGION_CACHE_DIR: run "
-                    "tools/precompute_clip_regions.py and set it to the folder it prints"
+                    "MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0 and MODEL.OV.REGIONCLIP.*_WEIGHT > 0 need "
+                    "MODEL.OV.VILD.REGION_CACHE_DIR: run tools/precompute_clip_regions.py and set "
+                    "it to the folder it prints"
                 )
             cache = ClipRegionCache(expand_data_path(vild.REGION_CACHE_DIR))
             if cache.embed_dim not in (None, cfg.MODEL.OV.EMBED_DIM):

@@ -1,5 +1,6 @@
 # Copyright (c) kd_detr contributors.
-"""ViLD ROI heads: ViLD-text classification, ViLD-image distillation, ViLD-ensemble inference."""
+"""ViLD ROI heads: ViLD-text classification, ViLD-image distillation, RegionCLIP-style
+region-concept alignment, ViLD-ensemble inference."""
 import contextlib
 from typing import Dict, List, Optional
 
@@ -12,6 +13,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads, build_box_head
 from detectron2.structures import Boxes, Instances
 
+from .regionclip import RegionConceptAlignment
+from .vild_config import regionclip_enabled
 from .vild_output_layers import ViLDOutputLayers
 
 __all__ = ["ViLDROIHeads", "vild_image_loss"]
@@ -45,6 +48,11 @@ class ViLDROIHeads(StandardROIHeads):
     pooled like proposals and embedded by the text branch ("shared", ViLD) or by a second box
     head and projection ("separate", ViLD-ensemble, whose image-branch embeddings also score the
     proposals at inference when the predictor ensembles).
+
+    With a ``region_alignment`` (``MODEL.OV.REGIONCLIP.*_WEIGHT > 0``), the same region
+    embeddings also get RegionCLIP's ``loss_regionclip_contrastive`` and
+    ``loss_regionclip_distill``: the cached CLIP embeddings of the regions are the teacher, whose
+    concept scores give the pseudo labels.
     """
 
     @configurable
@@ -54,12 +62,14 @@ class ViLDROIHeads(StandardROIHeads):
         image_loss_weight: float = 0.0,
         image_box_head: Optional[nn.Module] = None,
         image_projection: Optional[nn.Module] = None,
+        region_alignment: Optional[RegionConceptAlignment] = None,
         **kwargs,
     ):
         """
         Args:
             image_loss_weight: weight of the ViLD-image loss (0: none).
             image_box_head, image_projection: the separate image branch (None: "shared").
+            region_alignment: RegionCLIP losses on the distilled regions (None: off).
             kwargs: as for ``StandardROIHeads``; ``box_predictor`` is a ViLDOutputLayers.
         """
         super().__init__(**kwargs)
@@ -74,7 +84,13 @@ class ViLDROIHeads(StandardROIHeads):
         self.image_loss_weight = float(image_loss_weight)
         self.image_box_head = image_box_head
         self.image_projection = image_projection
+        self.region_alignment = region_alignment
         self._distill_regions = None
+
+    @property
+    def uses_distill_regions(self) -> bool:
+        """True when training needs :meth:`distill_regions` (ViLD-image or RegionCLIP losses)."""
+        return self.image_loss_weight > 0 or self.region_alignment is not None
 
     @classmethod
     def _init_box_head(cls, cfg, input_shape):
@@ -96,6 +112,11 @@ class ViLDROIHeads(StandardROIHeads):
             out = ret["image_box_head"].output_shape
             in_dim = out.channels * (out.width or 1) * (out.height or 1)
             ret["image_projection"] = nn.Linear(in_dim, cfg.MODEL.OV.EMBED_DIM)
+        if regionclip_enabled(cfg):
+            concepts = None  # MODEL.OV.REGIONCLIP.CONCEPT_EMBEDDINGS, else the training classes
+            if not cfg.MODEL.OV.REGIONCLIP.CONCEPT_EMBEDDINGS:
+                concepts = ret["box_predictor"].cls_score.train_vocabulary.detach().clone()
+            ret["region_alignment"] = RegionConceptAlignment(cfg, concepts=concepts)
         return ret
 
     @contextlib.contextmanager
@@ -116,13 +137,14 @@ class ViLDROIHeads(StandardROIHeads):
         x = torch.flatten(self.image_box_head(pooled), start_dim=1)
         return F.normalize(self.image_projection(x), dim=1)
 
-    def _image_losses(self, features: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _region_losses(self, features: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """ViLD-image and RegionCLIP losses on the regions given to :meth:`distill_regions`."""
         regions = self._distill_regions
         if regions is None:
             raise ValueError(
-                "MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0 needs CLIP region targets: use "
-                "MODEL.META_ARCHITECTURE 'ViLDRCNN' with kd_detr's Trainer (train_net.py), "
-                "whose data loader attaches them, or set MODEL.OV.VILD.IMAGE_LOSS_WEIGHT 0"
+                "MODEL.OV.VILD.IMAGE_LOSS_WEIGHT > 0 and MODEL.OV.REGIONCLIP.*_WEIGHT > 0 need "
+                "CLIP region targets: use MODEL.META_ARCHITECTURE 'ViLDRCNN' with kd_detr's "
+                "Trainer (train_net.py), whose data loader attaches them, or set those weights 0"
             )
         embeddings = self._image_embeddings(features, [r.proposal_boxes for r in regions])
         targets = torch.cat([r.clip_embeds for r in regions], dim=0)
@@ -132,8 +154,13 @@ class ViLDROIHeads(StandardROIHeads):
                 f"projection {embeddings.shape[1]} (MODEL.OV.EMBED_DIM): precompute them with "
                 "the CLIP model whose text embeddings the model uses"
             )
-        loss = vild_image_loss(embeddings, targets)
-        return {"loss_vild_image": loss * self.image_loss_weight}
+        losses = {}
+        if self.image_loss_weight > 0:
+            loss = vild_image_loss(embeddings, targets)
+            losses["loss_vild_image"] = loss * self.image_loss_weight
+        if self.region_alignment is not None:
+            losses.update(self.region_alignment(embeddings, targets.to(embeddings).detach()))
+        return losses
 
     def _forward_box(self, features: Dict[str, torch.Tensor], proposals: List[Instances]):
         """Losses (training) or detections (inference) of the box branch."""
@@ -142,8 +169,8 @@ class ViLDROIHeads(StandardROIHeads):
         predictions = self.box_predictor(self.box_head(self.box_pooler(features, boxes)))
         if self.training:
             losses = self.box_predictor.losses(predictions, proposals)
-            if self.image_loss_weight > 0:
-                losses.update(self._image_losses(features))
+            if self.uses_distill_regions:
+                losses.update(self._region_losses(features))
             return losses
         image_embeddings = None
         if self.box_predictor.ensemble:

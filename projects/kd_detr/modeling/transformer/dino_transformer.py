@@ -19,7 +19,7 @@ from detectron2.config import configurable
 
 from .build import TRANSFORMER_REGISTRY
 from .dab_transformer import box_sine_embedding, inverse_sigmoid
-from .deformable_transformer import DeformableDecoderLayer, DeformableTransformer
+from .deformable_transformer import DeformableTransformer
 from .layers import MLP
 
 __all__ = ["DINODecoder", "DINOTransformer"]
@@ -29,7 +29,7 @@ class DINODecoder(nn.Module):
     """Deformable decoder layers with per-layer positional queries and look-forward-twice.
 
     Args:
-        layers (list[DeformableDecoderLayer]): the L layers.
+        layers (list[DeformableDecoderLayer], see :mod:`.deformable_transformer`): the L layers.
         d_model (int): d.
         inverse_sigmoid_eps (float): clamp of ``inverse_sigmoid`` in the refinement.
         look_forward_twice (bool): return the undetached refined references (DINO); False
@@ -86,7 +86,8 @@ class DINODecoder(nn.Module):
             boxes = boxes.detach()  # the layer itself only sees a detached reference
             reference = boxes[:, :, None] * scale  # (B, N, L, 4)
             # DINO embeds the reference scaled by the first level's valid ratio.
-            query_pos = self.ref_point_head(box_sine_embedding(reference[:, :, 0], self.d_model // 2))
+            sine = box_sine_embedding(reference[:, :, 0], self.d_model // 2)
+            query_pos = self.ref_point_head(sine)
             tgt = layer(
                 tgt, query_pos, reference, memory, spatial_shapes, padding_mask, None,
                 self_attn_mask,

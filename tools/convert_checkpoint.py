@@ -21,6 +21,9 @@ DeformableDETR config converts detrex ``projects/deformable_detr`` checkpoints.
 
 ``--source dino``: INPUT is a .pth of IDEA-Research/DINO (4-scale) for a DINO config
 (configs/dino/); its shared heads, 91 COCO slots and 92-row denoising label embedding are mapped.
+``--source detrex`` with a DINO config converts detrex ``projects/dino`` checkpoints, which train
+one head per decoder layer: add MODEL.DETR.DINO.SHARE_HEADS False and detrex's position encoding
+MODEL.DETR.POSITION_TEMPERATURE 10000.0 MODEL.DETR.DINO.POSITION_OFFSET -0.5.
 """
 import argparse
 import logging

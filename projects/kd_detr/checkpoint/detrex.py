@@ -1,13 +1,15 @@
 # Copyright (c) kd_detr contributors.
 """detrex checkpoints (``--source detrex``): ``projects/detr`` DETR, ``projects/dab_detr``
-DAB-DETR (``projects/dn_detr``'s label encoder included) and ``projects/deformable_detr``
-(:mod:`.detrex_deformable_detr`), chosen by the config's meta-architecture and checked against the
-checkpoint's keys. detrex uses Detectron2's ResNet, whose names are ours."""
+DAB-DETR (``projects/dn_detr``'s label encoder included), ``projects/deformable_detr``
+(:mod:`.detrex_deformable_detr`) and ``projects/dino`` (:mod:`.detrex_dino`), chosen by the
+config's meta-architecture and checked against the checkpoint's keys. detrex uses Detectron2's
+ResNet, whose names are ours."""
 from typing import Dict
 
 import torch
 
 from .detrex_deformable_detr import convert_detrex_deformable_detr, is_detrex_deformable_detr
+from .detrex_dino import convert_detrex_dino, is_detrex_dino
 from .official import finish_conversion
 from .registry import register_checkpoint_converter
 from .rename import Tied, load_state_dict, rename_keys, split_packed_qkv
@@ -104,17 +106,21 @@ DAB_DETR_RULES = [
 
 @register_checkpoint_converter("detrex")
 def convert_detrex(source, cfg, coco_classes: str = "auto") -> Dict[str, torch.Tensor]:
-    """detrex DETR / DAB-DETR (DN-DETR) / Deformable DETR checkpoint -> kd_detr state dict for
-    ``cfg``'s meta-architecture (``DETR``, ``DABDETR`` or ``DeformableDETR``)."""
+    """detrex DETR / DAB-DETR (DN-DETR) / Deformable DETR / DINO checkpoint -> kd_detr state dict
+    for ``cfg``'s meta-architecture (``DETR``, ``DABDETR``, ``DeformableDETR`` or ``DINO``)."""
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch == "DeformableDETR":
-        return convert_detrex_deformable_detr(load_state_dict(source), cfg, coco_classes)
     rules = {"DETR": DETR_RULES, "DABDETR": DAB_DETR_RULES}.get(arch)
-    if rules is None:
+    if rules is None and arch not in ("DeformableDETR", "DINO"):
         raise ValueError(
-            f"--source detrex supports DETR, DABDETR and DeformableDETR configs, got {arch}"
+            f"--source detrex supports DETR, DABDETR, DeformableDETR and DINO configs, got {arch}"
         )
     state = load_state_dict(source)
+    if arch == "DINO":
+        return convert_detrex_dino(state, cfg, coco_classes)
+    if is_detrex_dino(state):
+        raise ValueError(f"this detrex checkpoint is a DINO: use a DINO config, not {arch}")
+    if arch == "DeformableDETR":
+        return convert_detrex_deformable_detr(state, cfg, coco_classes)
     if is_detrex_deformable_detr(state):
         raise ValueError(
             "this detrex checkpoint is a Deformable DETR (it has transformer.level_embeds): "

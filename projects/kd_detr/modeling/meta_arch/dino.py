@@ -53,7 +53,9 @@ class DINO(DeformableDETR):
       detection losses as ``loss_*_enc`` (class-aware, Hungarian matching, as DINO's
       "interm" outputs).
     * Decoder (:class:`DINOTransformer`): positional queries from each layer's reference box;
-      class and box heads shared by all layers; look forward twice.
+      class and box heads shared by all layers (``share_heads``, official DINO) or one pair per
+      layer (detrex); layer l's box head predicts layer l's boxes and refines the next layer's
+      reference; look forward twice.
     * Contrastive denoising (``denoising``, training only): per group, noised positive copies
       of the ground truth (small noise, reconstruct their object) and negative copies (larger
       noise, "no object"), decoded before the matching queries with the denoising attention
@@ -77,6 +79,7 @@ class DINO(DeformableDETR):
         *,
         learned_content: bool = True,
         position_offset: float = 0.0,
+        share_heads: bool = True,
         denoising: Optional[DenoisingGenerator] = None,
         **kwargs,
     ):
@@ -85,6 +88,9 @@ class DINO(DeformableDETR):
             learned_content: mixed query selection (learned content queries); False takes the
                 selected encoder features as content.
             position_offset: offset of the feature-map sine encoding (official 0, detrex -0.5).
+            share_heads: one class / box head for every decoder layer (official); False gives
+                each layer its own (``class_embed`` / ``bbox_embed`` become ModuleLists of L
+                equally initialised heads, detrex's layout).
             denoising: contrastive denoising generator (``MODEL.DETR.DN``), or None.
             kwargs: arguments of :class:`DeformableDETR`; ``transformer`` must be a
                 DINOTransformer.
@@ -109,6 +115,16 @@ class DINO(DeformableDETR):
             self.tgt_embed = nn.Embedding(self.num_queries, d)
             nn.init.normal_(self.tgt_embed.weight)
         self.denoising = denoising
+        self.share_heads = share_heads
+        if not share_heads:
+            if not isinstance(self.class_embed, nn.Linear):
+                raise ValueError(
+                    "the open-vocabulary class head (MODEL.OV.DETR_HEAD) is one head shared by "
+                    "all layers: set MODEL.DETR.DINO.SHARE_HEADS True"
+                )
+            num = self.transformer.num_decoder_layers
+            self.class_embed = nn.ModuleList(copy.deepcopy(self.class_embed) for _ in range(num))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(self.bbox_embed) for _ in range(num))
 
     def _build_query_modules(self, d: int, num_layers: int) -> None:
         """Class / box heads shared by the decoder layers, the encoder's own copies and the
@@ -138,11 +154,18 @@ class DINO(DeformableDETR):
         ret.update(
             learned_content=d.DINO.LEARNED_CONTENT,
             position_offset=d.DINO.POSITION_OFFSET,
+            share_heads=d.DINO.SHARE_HEADS,
         )
         return ret
 
     def _heads(self) -> Tuple[List[nn.Module], List[nn.Module]]:
-        """Class and box heads of every decoder layer (shared), then the encoder's."""
+        """Class and box heads of every decoder layer (shared or per layer), then the
+        encoder's."""
+        if not self.share_heads:
+            return (
+                list(self.class_embed) + [self.enc_class_embed],
+                list(self.bbox_embed) + [self.enc_bbox_embed],
+            )
         num = self.transformer.num_decoder_layers
         return (
             [self.class_embed] * num + [self.enc_class_embed],
@@ -208,11 +231,15 @@ class DINO(DeformableDETR):
         return parts + rest, dn_part
 
     def predict(self, hs, references) -> Dict[str, torch.Tensor]:
-        """Shared heads on every layer: logits (L, B, N, C) and boxes
-        ``sigmoid(bbox_embed(h_l) + inverse_sigmoid(r_l))`` (L, B, N, 4), with "hidden_states"
+        """Layer l's heads on its states: logits (L, B, N, C) and boxes
+        ``sigmoid(bbox_embed_l(h_l) + inverse_sigmoid(r_l))`` (L, B, N, 4), with "hidden_states"
         and the (detached) "reference_boxes" r_l."""
-        logits = self.class_embed(hs)
-        deltas = self.bbox_embed(hs)
+        if self.share_heads:
+            logits, deltas = self.class_embed(hs), self.bbox_embed(hs)
+        else:
+            class_heads, box_heads = self._heads()
+            logits = torch.stack([head(h) for head, h in zip(class_heads, hs)])
+            deltas = torch.stack([head(h) for head, h in zip(box_heads, hs)])
         boxes = (deltas + inverse_sigmoid(references, self.inverse_sigmoid_eps)).sigmoid()
         return {
             "pred_logits": logits,

@@ -23,6 +23,12 @@ def add_dino_config(cfg):
     cfg.MODEL.DETR.DINO.LEARNED_CONTENT = True
     # Weight of the encoder's top-K proposal losses (loss_*_enc) relative to CLASS/BBOX/GIOU.
     cfg.MODEL.DETR.DINO.ENC_LOSS_WEIGHT = 1.0
+    # One class head and one box head for all decoder layers (official DINO). False: each layer
+    # has its own pair (detrex's DINO, class_embed.i / bbox_embed.i); layer i's box head both
+    # predicts layer i's boxes and refines the reference layer i + 1 starts from, so with
+    # look-forward-twice layer i + 1's box loss also trains it. The encoder's top-K proposal
+    # heads are separate either way.
+    cfg.MODEL.DETR.DINO.SHARE_HEADS = True
     # Added to feature-map positions before the sine encoding is normalised: the official code
     # uses 0.0 (with MODEL.DETR.POSITION_TEMPERATURE 20), detrex -0.5 (with temperature 10000).
     cfg.MODEL.DETR.DINO.POSITION_OFFSET = 0.0

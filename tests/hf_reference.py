@@ -1,19 +1,18 @@
 # Copyright (c) kd_detr contributors.
-"""Shared by the Hugging Face parity tests: the converter CLI, parity configs and a test case
-that saves a Hugging Face model, converts it with the CLI and loads it into a kd_detr model."""
+"""Shared by the Hugging Face parity tests: the converter CLI, parity configs, the backbone
+choice and weight perturbation of the Hugging Face twins, and a test case that saves a Hugging
+Face model, converts it with the CLI and loads it into a kd_detr model."""
 import importlib.util
 import os
 import tempfile
 import unittest
-from unittest import mock
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
+import torch
+
 from detectron2.modeling import build_model
 
-from kd_detr import add_kd_detr_config
-
 from .common import REPO_ROOT, require_module
+from .model_helpers import assert_loads_strictly, config_from
 
 
 def load_convert_checkpoint_cli():
@@ -27,11 +26,34 @@ def load_convert_checkpoint_cli():
 
 def parity_cfg(config_file, opts=()):
     """kd_detr config of ``config_file`` with ``opts`` (KEY VALUE ...) merged in."""
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return config_from(config_file, *opts)
+
+
+def hf_backbone_kwargs(transformers, hf_resnet, out_features):
+    """Config kwargs of a Hugging Face DETR-family model's ResNet-18 backbone: transformers' own
+    ResNet with stages ``out_features`` when ``hf_resnet``, else timm's (random weights)."""
+    if not hf_resnet:
+        return dict(backbone="resnet18", use_pretrained_backbone=False)
+    resnet = transformers.ResNetConfig(
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        layer_type="basic",
+        out_features=list(out_features),
+    )
+    return dict(backbone_config=resnet)
+
+
+def perturb_hf_weights(model, seed=0):
+    """Add N(0, 0.1) noise to every float parameter and buffer, running variances drawn from
+    U(0.5, 1.5), so that no bias, head or normalisation parameter keeps its initial value."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
+            elif tensor.is_floating_point():
+                tensor.add_(0.1 * torch.randn(tensor.shape, generator=gen))
+    return model
 
 
 class HFParityTestCase(unittest.TestCase):
@@ -75,11 +97,5 @@ class HFParityTestCase(unittest.TestCase):
         output = os.path.join(self.tmp, "converted.pth")
         self.cli.main(["--source", "hf", "--config-file", self.CONFIG, folder, output, *opts])
         model = build_model(parity_cfg(self.CONFIG, opts)).eval()
-        checkpointer = DetectionCheckpointer(model)
-        with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-            checkpointer.load(output)
-        incompatible = log.call_args[0][0]
-        self.assertEqual(incompatible.missing_keys, [])
-        self.assertEqual(incompatible.unexpected_keys, [])
-        self.assertEqual(incompatible.incorrect_shapes, [])
+        assert_loads_strictly(self, model, output)
         return model, output

@@ -1,6 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """Shared fixtures of the KD tests: tiny DAB-DETR teacher/student configs, a teacher checkpoint,
-fixed synthetic batches and a KDTrainer with a deterministic loader."""
+fixed synthetic batches, a KDTrainer with a deterministic loader, a call spy and one KD step
+with any DETR-family teacher and student."""
 import contextlib
 import itertools
 import os
@@ -8,15 +9,14 @@ import os
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
 
-from kd_detr.config import add_kd_detr_config
 from kd_detr.engine import KDTrainer
 
 from .common import REPO_ROOT
+from .model_helpers import config_from, perturb_box_heads, single_thread  # noqa: F401
 
 TINY_CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
 # Tiny DAB-DETR (R18, d 64, 2+2 layers) with 4 classes and 6 queries; no dataset.
@@ -27,19 +27,18 @@ TINY_OPTS = [
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(TINY_CONFIG)
-    cfg.merge_from_list(TINY_OPTS + list(opts))
-    return cfg
+    return config_from(TINY_CONFIG, *TINY_OPTS, *opts)
 
 
-def save_teacher(directory, *opts, seed=1, name="teacher"):
-    """Build a tiny teacher with non-zero box heads, save it as ``directory/name.pth``."""
+def save_teacher(
+    directory, *opts, seed=1, name="teacher", config_file=TINY_CONFIG, box_heads=None
+):
+    """Build a teacher (``config_file`` + TINY_OPTS + ``opts``; by default the tiny DAB-DETR)
+    whose box heads (``box_heads(model)``, default ``[model.bbox_embed]``) are perturbed, and
+    save it as ``directory/name.pth``; returns that path."""
     torch.manual_seed(seed)
-    model = build_model(tiny_cfg(*opts))
-    with torch.no_grad():
-        model.bbox_embed.layers[-1].weight.normal_(std=0.1)
+    model = build_model(config_from(config_file, *TINY_OPTS, *opts))
+    perturb_box_heads(box_heads(model) if box_heads else [model.bbox_embed])
     DetectionCheckpointer(model, save_dir=directory).save(name)
     return os.path.join(directory, f"{name}.pth")
 
@@ -100,11 +99,71 @@ class FixedBatchKDTrainer(KDTrainer):
 
 
 @contextlib.contextmanager
-def single_thread():
-    """One intra-op thread: tiny models on shared CPU cores are much faster this way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def spy(module, method, calls):
+    """Record every call of ``module.method`` (its args, modes and output) into ``calls``."""
+    bound = getattr(type(module), method)
+
+    def wrapper(*args, **kwargs):
+        record = {
+            "args": args,
+            "kwargs": kwargs,
+            "training": module.training,
+            "grad": torch.is_grad_enabled(),
+            "autocast": torch.is_autocast_enabled("cpu"),
+            "autocast_cuda": torch.cuda.is_available() and torch.is_autocast_enabled("cuda"),
+        }
+        record["out"] = bound(module, *args, **kwargs)
+        calls.append(record)
+        return record["out"]
+
+    setattr(module, method, wrapper)
     try:
-        yield
+        yield calls
     finally:
-        torch.set_num_threads(threads)
+        delattr(module, method)
+
+
+def kd_student_cfg(config_file, output_dir, teacher_weights, opts=()):
+    """A (not frozen) KD config whose student is ``config_file`` with ``opts`` and TINY_OPTS,
+    with the KD and solver settings of :func:`kd_cfg`."""
+    base = kd_cfg(output_dir, teacher_weights)
+    cfg = config_from(config_file, *opts, *TINY_OPTS)
+    cfg.MODEL.KD = base.MODEL.KD.clone()
+    cfg.SOLVER = base.SOLVER.clone()
+    cfg.OUTPUT_DIR, cfg.SEED, cfg.TEST.EVAL_PERIOD = base.OUTPUT_DIR, 0, 0
+    return cfg
+
+
+def run_kd_step(cfg, teacher_config, teacher_opts):
+    """One sigmoid-mode KD iteration of ``cfg`` (a copy) with the teacher ``teacher_config`` +
+    ``teacher_opts`` + TINY_OPTS, spying on the teacher's ``forward_raw`` and the student's
+    ``forward``.
+
+    Returns:
+        tuple: (trainer, logged ``loss_*`` values, teacher calls, student calls).
+    """
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.KD.TEACHER.CONFIG_FILE = teacher_config
+    cfg.MODEL.KD.TEACHER.OPTS = list(teacher_opts) + TINY_OPTS
+    cfg.MODEL.KD.MODE = "sigmoid"
+    cfg.SOLVER.MAX_ITER = 1
+    cfg.freeze()
+    trainer = FixedBatchKDTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    t_calls, s_calls = [], []
+    with spy(trainer.teacher.model, "forward_raw", t_calls), spy(
+        trainer.model, "forward", s_calls
+    ):
+        trainer.train()
+    losses = {k: v for k, (v, _) in trainer.storage.latest().items() if k.startswith("loss_")}
+    return trainer, losses, t_calls, s_calls
+
+
+def assert_kd_losses(test, losses):
+    """Every KD term of both point groups (last layer and layer 0) is positive, all finite."""
+    for group in ("general", "specific"):
+        for term in ("cls", "bbox", "giou"):
+            test.assertGreater(losses[f"loss_kd_{term}_{group}"], 0)
+            test.assertGreater(losses[f"loss_kd_{term}_{group}_0"], 0)
+    test.assertTrue(all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses)

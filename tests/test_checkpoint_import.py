@@ -6,12 +6,9 @@ checkpoints give errors naming the keys."""
 import os
 import tempfile
 import unittest
-from unittest import mock
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
@@ -21,11 +18,11 @@ from kd_detr.checkpoint import (
     register_checkpoint_converter,
 )
 from kd_detr.checkpoint.coco_classes import coco_category_ids
-from kd_detr.config import add_kd_detr_config
 
 from .common import REPO_ROOT
 from .fixtures import checkpoint_keys as fixtures
 from .hf_reference import load_convert_checkpoint_cli
+from .model_helpers import assert_loads_strictly, config_from
 
 torch.set_num_threads(1)
 DETR_CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
@@ -36,12 +33,7 @@ D = 64
 
 
 def make_cfg(path, *opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
+    return config_from(path, *opts, freeze=True)
 
 
 def synthetic(keys, seed=0):
@@ -226,13 +218,7 @@ class TestRegistryAndCLI(unittest.TestCase):
             args = ["--source", "dab_detr", "--config-file", DAB_CONFIG, src, out]
             cli.main(args + opts)
             model = build_model(make_cfg(DAB_CONFIG, *opts))
-            checkpointer = DetectionCheckpointer(model)
-            with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-                checkpointer.load(out)
-            incompatible = log.call_args[0][0]
-            self.assertEqual(incompatible.missing_keys, [])
-            self.assertEqual(incompatible.unexpected_keys, [])
-            self.assertEqual(incompatible.incorrect_shapes, [])
+            assert_loads_strictly(self, model, out)
             with self.assertRaisesRegex(ValueError, "label_enc"):  # DN checkpoint, no DN config
                 cli.main(args + ["MODEL.DETR.NUM_CLASSES", "80"])
 

@@ -7,24 +7,22 @@ Detectron2's 80 classes, and bad checkpoints give errors naming the keys."""
 import os
 import tempfile
 import unittest
-from unittest import mock
 
 import torch
 import torchvision
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_model, build_resnet_backbone
 
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
 from kd_detr.checkpoint.coco_classes import coco_category_ids
 from kd_detr.checkpoint.hf_deformable_detr import initial_box_pos_head
-from kd_detr.config import add_kd_detr_config
 
 from .common import REPO_ROOT
 from .fixtures import checkpoint_keys
 from .fixtures import deformable_checkpoint_keys as fixtures
 from .hf_reference import load_convert_checkpoint_cli
+from .model_helpers import assert_loads_strictly, config_from
 
 torch.set_num_threads(1)
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "deformable_detr_tiny_parity.yaml")
@@ -37,12 +35,7 @@ T = "transformer."
 
 
 def make_cfg(*opts, path=CONFIG):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
+    return config_from(path, *opts, freeze=True)
 
 
 def synthetic(keys, seed=0):
@@ -88,11 +81,17 @@ class TestFixtures(unittest.TestCase):
             }
             self.assertEqual(dict(fixtures.torchvision_resnet("", depth)), expected)
 
-    def test_detectron2_resnet18_keys_match_existing_fixture(self):
-        self.assertEqual(
-            dict(fixtures.detectron2_resnet("backbone.", 18)),
-            dict(checkpoint_keys._detectron2_resnet18("backbone.")),
-        )
+    def test_detectron2_resnet_keys_match_detectron2(self):
+        for depth, res2_channels in ((18, 64), (50, 256)):
+            cfg = make_cfg(
+                "MODEL.RESNETS.DEPTH", str(depth),
+                "MODEL.RESNETS.RES2_OUT_CHANNELS", str(res2_channels),
+                "MODEL.RESNETS.NORM", "FrozenBN", "MODEL.RESNETS.OUT_FEATURES", "['res5']",
+            )  # fmt: skip
+            with torch.device("meta"):
+                model = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+            expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            self.assertEqual(dict(fixtures.detectron2_resnet("", depth)), expected)
 
 
 class TestOfficialDeformableDETR(_DeformableImportCase):
@@ -300,13 +299,7 @@ class TestCLI(unittest.TestCase):
             args = ["--source", "deformable_detr", "--config-file", CONFIG, src_path, out]
             cli.main(args + opts)
             model = build_model(make_cfg(*opts))
-            checkpointer = DetectionCheckpointer(model)
-            with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-                checkpointer.load(out)
-            incompatible = log.call_args[0][0]
-            self.assertEqual(incompatible.missing_keys, [])
-            self.assertEqual(incompatible.unexpected_keys, [])
-            self.assertEqual(incompatible.incorrect_shapes, [])
+            assert_loads_strictly(self, model, out)
             head = model.class_embed[1].weight
             self.assertTrue(torch.equal(head[79].detach(), state["class_embed.1.weight"][90]))
             layer = model.transformer.decoder.layers[1]

@@ -10,23 +10,20 @@ import logging
 import os
 import tempfile
 import unittest
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
 from kd_detr.checkpoint.coco_classes import coco_category_ids
-from kd_detr.config import add_kd_detr_config
 
 from .common import REPO_ROOT
 from .fixtures.deformable_checkpoint_keys import detrex_deformable_detr_keys
 from .fixtures.detrex_dino_checkpoint_keys import detrex_dino_keys
 from .hf_reference import load_convert_checkpoint_cli
+from .model_helpers import assert_loads_strictly, config_from
 from .test_dab_detr import synthetic_batch
 
 torch.set_num_threads(1)
@@ -46,12 +43,7 @@ LOGGER = "kd_detr.checkpoint.detrex_dino"
 
 
 def make_cfg(*opts, path=CONFIG):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    cfg.freeze()
-    return cfg
+    return config_from(path, *opts, freeze=True)
 
 
 def synthetic(keys, identical_layers=False, seed=0):
@@ -244,13 +236,7 @@ class TestCLI(unittest.TestCase):
             args = ["--source", "detrex", "--config-file", CONFIG, src_path, out]
             cli.main(args + opts)
             model = build_model(make_cfg(*opts))
-            checkpointer = DetectionCheckpointer(model)
-            with mock.patch.object(checkpointer, "_log_incompatible_keys") as log:
-                checkpointer.load(out)
-            incompatible = log.call_args[0][0]
-            self.assertEqual(incompatible.missing_keys, [])
-            self.assertEqual(incompatible.unexpected_keys, [])
-            self.assertEqual(incompatible.incorrect_shapes, [])
+            assert_loads_strictly(self, model, out)
             head = model.class_embed[1].weight.detach()
             self.assertTrue(torch.equal(head[79], src["class_embed.1.weight"][90]))
             with self.assertRaisesRegex(ValueError, "SHARE_HEADS False"):

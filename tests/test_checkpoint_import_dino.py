@@ -7,26 +7,20 @@ import unittest
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
 from kd_detr.checkpoint.coco_classes import coco_category_ids
-from kd_detr.config import add_kd_detr_config
 
 from .common import REPO_ROOT
 from .fixtures.dino_checkpoint_keys import official_dino_keys
+from .model_helpers import config_from
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dino_tiny.yaml")
 
 
 def make_cfg(*opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(["MODEL.DETR.NUM_CLASSES", "80", *opts])
-    cfg.freeze()
-    return cfg
+    return config_from(CONFIG, "MODEL.DETR.NUM_CLASSES", "80", *opts, freeze=True)
 
 
 def synthetic_official(**kwargs):

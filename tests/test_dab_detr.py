@@ -7,25 +7,20 @@ import unittest
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from kd_detr.config import add_kd_detr_config
 from kd_detr.modeling.meta_arch import DABDETR, block_diagonal_mask
 from kd_detr.modeling.transformer.dab_transformer import box_sine_embedding
 
 from .common import REPO_ROOT
+from .model_helpers import config_from, perturb_box_heads
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return config_from(CONFIG, *opts)
 
 
 def tiny_model(*opts, seed: int = 0):
@@ -33,9 +28,7 @@ def tiny_model(*opts, seed: int = 0):
     model = build_model(tiny_cfg(*opts))
     heads = model.bbox_embed
     heads = heads if isinstance(heads, torch.nn.ModuleList) else [heads]
-    with torch.no_grad():  # move the zero-initialised box heads so every gradient is non-zero
-        for head in heads:
-            head.layers[-1].weight.normal_(std=0.1)
+    perturb_box_heads(heads)  # move the zero-initialised box heads: every gradient is non-zero
     return model
 
 
@@ -246,10 +239,7 @@ class TestDABDETRConfigs(unittest.TestCase):
         for depth in (18, 50, 101):
             name = f"dab_detr_R_{depth}_50ep_coco.yaml"
             path = os.path.join(REPO_ROOT, "configs", "dab_detr", name)
-            cfg = get_cfg()
-            add_kd_detr_config(cfg)
-            cfg.merge_from_file(path)
-            cfg.MODEL.DEVICE = "cpu"
+            cfg = config_from(path, "MODEL.DEVICE", "cpu")
             self.assertEqual(cfg.SOLVER.MAX_ITER, math.ceil(50 * coco_train_images / batch))
             self.assertEqual(tuple(cfg.SOLVER.STEPS), (40 * coco_train_images // batch,))
             model = build_model(cfg)

@@ -16,7 +16,7 @@ from kd_detr.checkpoint import convert_hf_dab_detr, hf_dab_detr_config_mismatche
 from kd_detr.modeling.meta_arch import DABDETR  # noqa: F401  (registers DABDETR)
 
 from .common import REPO_ROOT
-from .hf_reference import HFParityTestCase, parity_cfg
+from .hf_reference import HFParityTestCase, hf_backbone_kwargs, parity_cfg, perturb_hf_weights
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
 TOLERANCE = 1e-4
@@ -42,25 +42,10 @@ def build_hf_dab_detr(transformers, seed: int = 0, hf_resnet: bool = False, **ov
         dropout=0.0,
     )
     kwargs.update(overrides)
-    if hf_resnet:  # transformers' own ResNet-18 instead of timm's
-        kwargs["backbone_config"] = transformers.ResNetConfig(
-            depths=[2, 2, 2, 2],
-            hidden_sizes=[64, 128, 256, 512],
-            layer_type="basic",
-            out_features=["stage4"],
-        )
-    else:
-        kwargs.update(backbone="resnet18", use_pretrained_backbone=False)
+    kwargs.update(hf_backbone_kwargs(transformers, hf_resnet, ["stage4"]))
     torch.manual_seed(seed)
     model = transformers.DabDetrForObjectDetection(transformers.DabDetrConfig(**kwargs)).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
-            elif tensor.is_floating_point():
-                tensor.add_(0.1 * torch.randn(tensor.shape, generator=gen))
-    return model
+    return perturb_hf_weights(model, seed)
 
 
 def padded_batch(seed: int = 1):

@@ -8,10 +8,8 @@ import unittest
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
 from kd_detr.modeling.meta_arch import DeformableDETR  # noqa: F401  (registers the model)
 from kd_detr.modeling.transformer.deformable_transformer import (
     encoder_reference_points,
@@ -19,7 +17,12 @@ from kd_detr.modeling.transformer.deformable_transformer import (
 )
 
 from .common import REPO_ROOT
-from .kd_helpers import single_thread
+from .model_helpers import (
+    config_from,
+    perturb_box_heads,
+    perturb_deformable_attention,
+    single_thread_module,
+)
 from .test_dab_detr import synthetic_batch
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "deformable_detr_tiny_parity.yaml")
@@ -33,22 +36,11 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def setUpModule():
-    global _threads
-    _threads = single_thread()
-    _threads.__enter__()
-
-
-def tearDownModule():
-    _threads.__exit__(None, None, None)
+setUpModule, tearDownModule = single_thread_module()
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return config_from(CONFIG, *opts)
 
 
 def tiny_model(variant="plain", *opts, seed=0):
@@ -56,13 +48,8 @@ def tiny_model(variant="plain", *opts, seed=0):
     so that boxes move and every gradient is non-zero."""
     torch.manual_seed(seed)
     model = build_model(tiny_cfg(*VARIANTS[variant], *opts))
-    heads = model._heads()[1]
-    with torch.no_grad():
-        for head in heads:
-            head.layers[-1].weight.normal_(std=0.1)
-        for name, p in model.named_parameters():
-            if "attention_weights" in name or "sampling_offsets.weight" in name:
-                p.normal_(std=0.1)
+    perturb_box_heads(model._heads()[1])
+    perturb_deformable_attention(model)
     return model
 
 
@@ -285,9 +272,7 @@ class TestDeformableDETRConfigs(unittest.TestCase):
             ("deformable_detr_box_refine_R_50_50ep_coco.yaml", True, False),
             ("deformable_detr_two_stage_R_50_50ep_coco.yaml", True, True),
         ]:
-            cfg = get_cfg()
-            add_kd_detr_config(cfg)
-            cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "deformable_detr", name))
+            cfg = config_from(os.path.join(REPO_ROOT, "configs", "deformable_detr", name))
             d, f = cfg.MODEL.DETR, cfg.MODEL.DETR.DEFORMABLE
             with self.subTest(config=name):
                 self.assertEqual(cfg.MODEL.META_ARCHITECTURE, "DeformableDETR")

@@ -21,7 +21,7 @@ from kd_detr.checkpoint import (
 from kd_detr.modeling.meta_arch import DeformableDETR  # noqa: F401  (registers the model)
 
 from .common import REPO_ROOT
-from .hf_reference import HFParityTestCase, parity_cfg
+from .hf_reference import HFParityTestCase, hf_backbone_kwargs, parity_cfg, perturb_hf_weights
 from .test_dab_detr_parity import padded_batch
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "deformable_detr_tiny_parity.yaml")
@@ -50,26 +50,11 @@ def build_hf_deformable_detr(transformers, seed: int = 0, hf_resnet: bool = Fals
         dropout=0.0,
     )
     kwargs.update(overrides)
-    if hf_resnet:  # transformers' own ResNet-18 instead of timm's
-        kwargs["backbone_config"] = transformers.ResNetConfig(
-            depths=[2, 2, 2, 2],
-            hidden_sizes=[64, 128, 256, 512],
-            layer_type="basic",
-            out_features=["stage2", "stage3", "stage4"],
-        )
-    else:
-        kwargs.update(backbone="resnet18", use_pretrained_backbone=False)
+    kwargs.update(hf_backbone_kwargs(transformers, hf_resnet, ["stage2", "stage3", "stage4"]))
     torch.manual_seed(seed)
     config = transformers.DeformableDetrConfig(**kwargs)
     model = transformers.DeformableDetrForObjectDetection(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
-            elif tensor.is_floating_point():
-                tensor.add_(0.1 * torch.randn(tensor.shape, generator=gen))
-    return model
+    return perturb_hf_weights(model, seed)
 
 
 def hf_layer_outputs(hf, images, mask):

@@ -27,6 +27,7 @@ from kd_detr.modeling.position_encoding import PositionEmbeddingSine
 from kd_detr.modeling.transformer import DETRTransformer, MultiheadAttention
 
 from .common import REPO_ROOT
+from .model_helpers import config_from
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
 # Smaller than the parity model; FREEZE_AT 0 so that every backbone conv must get a gradient.
@@ -84,10 +85,7 @@ class _FixedMatcher:
 
 
 def _build(opts=(), cfg_hook=None):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY + list(opts))
+    cfg = config_from(CONFIG, *TINY, *opts)
     if cfg_hook is not None:
         cfg_hook(cfg)
     return build_model(cfg)

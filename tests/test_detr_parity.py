@@ -23,7 +23,7 @@ from kd_detr.checkpoint import check_state_dict_keys, convert_hf_detr
 from kd_detr.modeling.meta_arch import DETR  # noqa: F401  (registers DETR)
 
 from .common import REPO_ROOT
-from .hf_reference import HFParityTestCase, parity_cfg
+from .hf_reference import HFParityTestCase, hf_backbone_kwargs, parity_cfg
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
 TOLERANCE = 1e-4
@@ -44,13 +44,8 @@ def _hf_config(transformers, backbone):
     )
     if backbone.startswith("resnet"):  # timm
         return transformers.DetrConfig(use_timm_backbone=True, backbone=backbone, **kwargs)
-    resnet = transformers.ResNetConfig(
-        depths=[2, 2, 2, 2],
-        hidden_sizes=[64, 128, 256, 512],
-        layer_type="basic",
-        out_features=["stage4"],
-    )
-    return transformers.DetrConfig(backbone_config=resnet, **kwargs)
+    resnet = hf_backbone_kwargs(transformers, True, ["stage4"])
+    return transformers.DetrConfig(**resnet, **kwargs)
 
 
 def _perturb_(model, seed=0):

@@ -11,38 +11,30 @@ import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou, sigmoid_focal_loss
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
 from kd_detr.modeling.box_ops import box_cxcywh_to_xyxy
 from kd_detr.modeling.meta_arch import DINO  # noqa: F401  (registers the model)
 from kd_detr.modeling.transformer import MLP
 
 from .common import REPO_ROOT
-from .kd_helpers import single_thread
+from .model_helpers import (
+    config_from,
+    perturb_box_heads,
+    perturb_deformable_attention,
+    single_thread_module,
+)
 from .test_dab_detr import synthetic_batch
 from .test_deformable_detr import groups_for
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dino_tiny.yaml")
 
 
-def setUpModule():
-    global _threads
-    _threads = single_thread()
-    _threads.__enter__()
-
-
-def tearDownModule():
-    _threads.__exit__(None, None, None)
+setUpModule, tearDownModule = single_thread_module()
 
 
 def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(list(opts))
-    return cfg
+    return config_from(CONFIG, *opts)
 
 
 def tiny_dino(*opts, seed=0):
@@ -50,12 +42,8 @@ def tiny_dino(*opts, seed=0):
     boxes move and every gradient is non-zero."""
     torch.manual_seed(seed)
     model = build_model(tiny_cfg(*opts))
-    with torch.no_grad():
-        for head in (model.bbox_embed, model.enc_bbox_embed):
-            head.layers[-1].weight.normal_(std=0.1)
-        for name, p in model.named_parameters():
-            if "attention_weights" in name or "sampling_offsets.weight" in name:
-                p.normal_(std=0.1)
+    perturb_box_heads([model.bbox_embed, model.enc_bbox_embed])
+    perturb_deformable_attention(model)
     return model
 
 

@@ -14,7 +14,11 @@ from torch import nn
 
 from detectron2.modeling import build_model
 
-from .kd_helpers import single_thread
+from .model_helpers import (
+    perturb_box_heads,
+    perturb_deformable_attention,
+    single_thread_module,
+)
 from .test_dab_detr import synthetic_batch
 from .test_dino import tiny_cfg
 
@@ -22,14 +26,7 @@ PER_LAYER = ("MODEL.DETR.DINO.SHARE_HEADS", "False")
 EPS = 1e-3  # configs/tests/dino_tiny.yaml: MODEL.DETR.DEFORMABLE.INVERSE_SIGMOID_EPS
 
 
-def setUpModule():
-    global _threads
-    _threads = single_thread()
-    _threads.__enter__()
-
-
-def tearDownModule():
-    _threads.__exit__(None, None, None)
+setUpModule, tearDownModule = single_thread_module()
 
 
 def logit(x):
@@ -43,15 +40,12 @@ def per_layer_dino(*opts, seed=0):
     whose attention weights are perturbed so that every gradient is non-zero."""
     torch.manual_seed(seed)
     model = build_model(tiny_cfg(*PER_LAYER, *opts))
+    perturb_box_heads(list(model.bbox_embed) + [model.enc_bbox_embed])
     with torch.no_grad():
-        for head in list(model.bbox_embed) + [model.enc_bbox_embed]:
-            head.layers[-1].weight.normal_(std=0.1)
         for head in model.class_embed:
             head.weight.normal_(std=0.1)
             head.bias.normal_(std=0.5)
-        for name, p in model.named_parameters():
-            if "attention_weights" in name or "sampling_offsets.weight" in name:
-                p.normal_(std=0.1)
+    perturb_deformable_attention(model)
     return model
 
 

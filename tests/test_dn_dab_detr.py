@@ -10,11 +10,9 @@ import unittest
 import torch
 from scipy import stats
 
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
 from kd_detr.modeling.box_ops import box_cxcywh_to_xyxy
 from kd_detr.modeling.denoising import (
     DenoisingGenerator,
@@ -27,6 +25,7 @@ from kd_detr.modeling.denoising import (
 )
 
 from .common import REPO_ROOT
+from .model_helpers import config_from
 from .test_dab_detr import groups_for, synthetic_batch, tiny_model
 
 torch.set_num_threads(1)
@@ -326,19 +325,12 @@ class TestDNDABDETR(unittest.TestCase):
             tiny_model(*DN, "MODEL.DETR.DAB.NUM_PATTERNS", "2")
 
 
-def _cfg(path, *opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 class TestDNRecipeAndTraining(unittest.TestCase):
     def test_recipe_matches_dab_detr_schedule(self):
         configs = os.path.join(REPO_ROOT, "configs", "dab_detr")
-        dn = _cfg(os.path.join(configs, "dn_dab_detr_R_50_50ep_coco.yaml"), "MODEL.DEVICE", "cpu")
-        dab = _cfg(os.path.join(configs, "dab_detr_R_50_50ep_coco.yaml"))
+        dn_config = os.path.join(configs, "dn_dab_detr_R_50_50ep_coco.yaml")
+        dn = config_from(dn_config, "MODEL.DEVICE", "cpu")
+        dab = config_from(os.path.join(configs, "dab_detr_R_50_50ep_coco.yaml"))
         self.assertTrue(dn.MODEL.DETR.DN.ENABLED)
         settings = dn.MODEL.DETR.DN
         self.assertEqual((settings.NUM_GROUPS, settings.LABEL_NOISE_RATIO), (5, 0.2))

@@ -11,7 +11,8 @@ from detectron2.modeling import build_model
 
 from kd_detr.distill import Teacher, build_teacher, init_student_from_teacher, load_teacher_weights
 
-from .kd_helpers import kd_cfg, save_teacher, single_thread, synthetic_batch, tiny_cfg
+from .kd_helpers import kd_cfg, save_teacher, synthetic_batch, tiny_cfg
+from .model_helpers import single_thread
 
 STUDENT_CLASSES = ["circle", "square", "triangle", "cross"]
 TEACHER_CLASSES = ["square", "circle", "star", "cross", "triangle"]

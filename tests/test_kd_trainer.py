@@ -1,6 +1,5 @@
 # Copyright (c) kd_detr contributors.
 """KDTrainer on tiny DAB-DETRs: the KD step, teacher hygiene, resume, 2-process DDP, train_net."""
-import contextlib
 import copy
 import json
 import os
@@ -26,10 +25,11 @@ from .kd_helpers import (
     FixedBatchKDTrainer,
     kd_cfg,
     save_teacher,
-    single_thread,
+    spy,
     synthetic_batch,
     tiny_cfg,
 )
+from .model_helpers import single_thread_module
 
 
 class LearnableScaleKDLoss(nn.Module):
@@ -54,39 +54,7 @@ if "LearnableScaleKDLoss" not in KD_LOSS_REGISTRY:
 LOSSES = ["MODEL.KD.LOSSES", "['KDDETRLoss', 'LearnableScaleKDLoss']"]
 
 
-def setUpModule():
-    global _threads
-    _threads = single_thread()
-    _threads.__enter__()
-
-
-def tearDownModule():
-    _threads.__exit__(None, None, None)
-
-
-@contextlib.contextmanager
-def spy(module, method, calls):
-    """Record every call of ``module.method`` (its args, modes and output) into ``calls``."""
-    bound = getattr(type(module), method)
-
-    def wrapper(*args, **kwargs):
-        record = {
-            "args": args,
-            "kwargs": kwargs,
-            "training": module.training,
-            "grad": torch.is_grad_enabled(),
-            "autocast": torch.is_autocast_enabled("cpu"),
-            "autocast_cuda": torch.cuda.is_available() and torch.is_autocast_enabled("cuda"),
-        }
-        record["out"] = bound(module, *args, **kwargs)
-        calls.append(record)
-        return record["out"]
-
-    setattr(module, method, wrapper)
-    try:
-        yield calls
-    finally:
-        delattr(module, method)
+setUpModule, tearDownModule = single_thread_module()
 
 
 def _state(trainer):

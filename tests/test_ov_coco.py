@@ -189,3 +189,26 @@ class TestCocoOvdEvaluator(unittest.TestCase):
             self.assertIn("AP50", metrics)
             self.assertTrue(any(k.startswith("AP-") for k in metrics))
         self.assertTrue(os.listdir(self.tmp))
+
+    def test_no_detections_give_zero_ap50(self):
+        src, _ = _load("coco128")
+        name = f"kd_test_ovd_empty_{uuid.uuid4().hex[:6]}"
+        path = register_coco_ovd(name, src, shared_data("coco128", "val2017"), "val", self.tmp)
+        self.names.append(name)
+        with open(path) as f:
+            gt = json.load(f)
+        evaluator = COCOOVDEvaluator(name, distributed=False)
+        evaluator.reset()
+        for image in gt["images"]:
+            inst = Instances((image["height"], image["width"]))
+            inst.pred_boxes = Boxes(torch.zeros(0, 4))
+            inst.scores = torch.zeros(0)
+            inst.pred_classes = torch.zeros(0, dtype=torch.long)
+            evaluator.process([{"image_id": image["id"]}], [{"instances": inst}])
+        metrics = evaluator.evaluate()["bbox"]
+        with_gt = {a["category_id"] for a in gt["annotations"] if not a.get("iscrowd", 0)}
+        for split, ids in (("novel", COCO_OVD_NOVEL_IDS), ("base", COCO_OVD_BASE_IDS)):
+            self.assertEqual(metrics[f"AP50-{split}"], 0.0)
+            self.assertEqual(metrics[f"AP50-{split}-num_classes"], len(with_gt & set(ids)))
+        self.assertEqual(metrics["AP50-all-num_classes"], len(with_gt))
+        self.assertEqual(metrics["AP"], 0.0)

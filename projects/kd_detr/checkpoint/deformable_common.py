@@ -23,7 +23,7 @@ from .coco_classes import COCO_ID_SLOTS
 from .hf_deformable_detr import initial_box_pos_head
 from .rename import adapt_class_rows, check_hidden_size
 
-__all__ = ["finish_deformable_conversion", "has_refine_copies"]
+__all__ = ["finish_deformable_conversion", "has_refine_copies", "pop_indexed_heads"]
 
 logger = logging.getLogger(__name__)
 
@@ -101,14 +101,24 @@ def _check_sizes(state: Mapping[str, torch.Tensor], cfg) -> None:
         )
 
 
-def _assemble_heads(state: Dict[str, torch.Tensor], cfg, refine: bool) -> None:
-    """Per-layer ``class_embed.i`` / ``bbox_embed.i`` -> kd_detr heads, in place."""
-    two_stage = cfg.MODEL.DETR.DEFORMABLE.TWO_STAGE
-    num_pred = cfg.MODEL.DETR.DEC_LAYERS + int(two_stage)
+def pop_indexed_heads(state: Dict[str, torch.Tensor]) -> Dict[str, Dict[int, Dict]]:
+    """Remove the per-layer heads ``class_embed.i.*`` / ``bbox_embed.i.*`` from ``state``.
+
+    Returns:
+        dict: ``found[name][i][param]`` = tensor, for name "class_embed" / "bbox_embed".
+    """
     found: Dict = {}
     for key in [k for k in state if _HEAD_RE.fullmatch(k)]:
         name, index, param = _HEAD_RE.fullmatch(key).groups()
         found.setdefault(name, {}).setdefault(int(index), {})[param] = state.pop(key)
+    return found
+
+
+def _assemble_heads(state: Dict[str, torch.Tensor], cfg, refine: bool) -> None:
+    """Per-layer ``class_embed.i`` / ``bbox_embed.i`` -> kd_detr heads, in place."""
+    two_stage = cfg.MODEL.DETR.DEFORMABLE.TWO_STAGE
+    num_pred = cfg.MODEL.DETR.DEC_LAYERS + int(two_stage)
+    found = pop_indexed_heads(state)
     for name in ("class_embed", "bbox_embed"):
         heads = found.get(name, {})
         if sorted(heads) != list(range(num_pred)):

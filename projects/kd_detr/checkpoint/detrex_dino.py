@@ -25,11 +25,11 @@ the official code with 20 and 0: run converted detrex weights with
 config is converted with a warning: the weights load, the outputs drift).
 """
 import logging
-import re
 from typing import Dict, Mapping
 
 import torch
 
+from .deformable_common import pop_indexed_heads
 from .detrex_deformable_detr import detrex_deformable_detr_rules
 from .official_dino import finish_dino_conversion
 from .rename import adapt_class_rows, rename_keys
@@ -40,7 +40,6 @@ logger = logging.getLogger(__name__)
 
 _MARKER = "transformer.decoder.ref_point_head.layers.0.weight"
 _LABELS = "denoising.label_enc.weight"
-_HEAD_RE = re.compile(r"(class_embed|bbox_embed)\.(\d+)\.(.+)")
 # Parts of detrex's Deformable DETR that a DINO never has (their kd_detr names).
 _NOT_DINO = ("reference_points.", "proposal_query.", "query_embed.")
 # detrex DINO's feature-map position encoding, as kd_detr config values.
@@ -71,10 +70,7 @@ def _assemble_heads(state: Dict[str, torch.Tensor], cfg, coco_classes: str) -> N
     shared decoder heads and ``enc_*_embed``, in place; per-layer class rows adapted."""
     d = cfg.MODEL.DETR
     num_layers, share = d.DEC_LAYERS, d.DINO.SHARE_HEADS
-    found: Dict = {}
-    for key in [k for k in state if _HEAD_RE.fullmatch(k)]:
-        name, index, param = _HEAD_RE.fullmatch(key).groups()
-        found.setdefault(name, {}).setdefault(int(index), {})[param] = state.pop(key)
+    found = pop_indexed_heads(state)
     for name in ("class_embed", "bbox_embed"):
         heads = found.get(name, {})
         if sorted(heads) != list(range(num_layers + 1)):

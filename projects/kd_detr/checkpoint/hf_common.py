@@ -1,6 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """Pieces shared by the Hugging Face DETR-family converters (:mod:`.hf_detr`,
-:mod:`.hf_dab_detr`): ResNet backbone renaming and the config checks common to all of them."""
+:mod:`.hf_dab_detr`, :mod:`.hf_deformable_detr`): splitting off and renaming the ResNet backbone,
+the final unconverted-keys error and the config checks common to all of them."""
 import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -10,15 +11,24 @@ from ..modeling.backbone import convert_torchvision_resnet
 
 __all__ = [
     "BACKBONE_PREFIX",
+    "CANONICAL_RENAMES",
+    "add_backbone",
     "apply_rules",
     "backbone_facts",
     "config_mismatches",
     "convert_backbone",
+    "split_backbone",
     "transformer_config_pairs",
 ]
 
 # Where transformers' DETR-family models keep the backbone weights (on-disk key layout).
 BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
+# Canonical (on-disk) spellings of the keys renamed by transformers >= 5.
+CANONICAL_RENAMES = [
+    (r"^model\.backbone\.model\.", BACKBONE_PREFIX),
+    (r"\.o_proj\.", ".out_proj."),
+    (r"\.layers\.(\d+)\.mlp\.fc(\d)\.", r".layers.\1.fc\2."),
+]
 
 _NORM = r"(weight|bias|running_mean|running_var)"
 _STAGE = r"encoder\.stages\.(\d)\.layers\.(\d+)\."
@@ -75,6 +85,61 @@ def convert_backbone(
         else:
             converted["backbone." + new] = value
     return converted, unconverted
+
+
+def split_backbone(
+    hf_state_dict: Mapping[str, torch.Tensor], renames: Sequence = ()
+) -> Tuple[Dict[str, torch.Tensor], List[Tuple[str, str, torch.Tensor]]]:
+    """Split a Hugging Face state dict into its backbone and the rest.
+
+    Args:
+        hf_state_dict: the Hugging Face weights.
+        renames: (pattern, replacement) applied in turn (``re.sub``) to every key first, e.g.
+            :data:`CANONICAL_RENAMES`.
+
+    Returns:
+        tuple: the backbone weights with :data:`BACKBONE_PREFIX` stripped, and (original key,
+        renamed key, tensor) of the other weights; ``num_batches_tracked`` buffers are dropped.
+    """
+    backbone, rest = {}, []
+    for key, value in hf_state_dict.items():
+        new = key
+        for pattern, repl in renames:
+            new = re.sub(pattern, repl, new)
+        if new.endswith("num_batches_tracked"):
+            continue
+        if new.startswith(BACKBONE_PREFIX):
+            backbone[new[len(BACKBONE_PREFIX) :]] = value
+        else:
+            rest.append((key, new, value))
+    return backbone, rest
+
+
+def add_backbone(
+    converted: Dict[str, torch.Tensor],
+    unconverted: List[str],
+    backbone: Mapping[str, torch.Tensor],
+    kind: str,
+    model_name: str,
+    require_backbone: bool = True,
+) -> None:
+    """Rename ``backbone`` (see :func:`convert_backbone`) into ``converted``, then raise
+    ValueError listing ``unconverted`` and the backbone keys no rule converts, if any.
+
+    Args:
+        model_name: how the error names the model, e.g. "DETR".
+        require_backbone: also report a state dict without backbone weights.
+    """
+    backbone, backbone_unconverted = convert_backbone(backbone, kind)
+    converted.update(backbone)
+    unconverted = unconverted + [BACKBONE_PREFIX + k for k in backbone_unconverted]
+    if require_backbone and not backbone:
+        unconverted.append(f"(no backbone keys under {BACKBONE_PREFIX})")
+    if unconverted:
+        raise ValueError(
+            f"{len(unconverted)} Hugging Face {model_name} keys were not converted (unsupported "
+            f"model parts?): {sorted(unconverted)}"
+        )
 
 
 def _timm_depth(name):

@@ -16,12 +16,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from .hf_common import (
-    BACKBONE_PREFIX,
-    config_mismatches,
-    convert_backbone,
-    transformer_config_pairs,
-)
+from .hf_common import add_backbone, config_mismatches, split_backbone, transformer_config_pairs
 
 __all__ = ["convert_hf_dab_detr", "hf_dab_detr_config_mismatches"]
 
@@ -119,13 +114,10 @@ def convert_hf_dab_detr(
             "convert_hf_dab_detr expects model_type 'dab-detr', got "
             f"{hf_config.get('model_type')!r}"
         )
-    backbone, converted, unconverted = {}, {}, []
-    for key, value in hf_state_dict.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        if key.startswith(BACKBONE_PREFIX):
-            backbone[key[len(BACKBONE_PREFIX) :]] = value
-        elif key.startswith("model.decoder.bbox_embed."):
+    converted, unconverted = {}, []
+    backbone, rest = split_backbone(hf_state_dict)
+    for key, _, value in rest:
+        if key.startswith("model.decoder.bbox_embed."):
             tied = "bbox_predictor." + key[len("model.decoder.bbox_embed.") :]
             if tied in hf_state_dict and not torch.equal(hf_state_dict[tied], value):
                 raise ValueError(f"{key} differs from {tied}; untied box heads are not supported")
@@ -138,17 +130,7 @@ def convert_hf_dab_detr(
     timm = bool(backbone) and all(k.startswith(_TIMM) for k in backbone)
     if timm:
         backbone = {k[len(_TIMM) :]: v for k, v in backbone.items()}
-    kind = "timm_backbone" if timm else "resnet"
-    backbone, backbone_unconverted = convert_backbone(backbone, kind)
-    converted.update(backbone)
-    unconverted += [BACKBONE_PREFIX + k for k in backbone_unconverted]
-    if not backbone:
-        unconverted.append(f"(no backbone keys under {BACKBONE_PREFIX})")
-    if unconverted:
-        raise ValueError(
-            f"{len(unconverted)} Hugging Face DabDetr keys were not converted (unsupported model "
-            f"parts?): {sorted(unconverted)}"
-        )
+    add_backbone(converted, unconverted, backbone, "timm_backbone" if timm else "resnet", "DabDetr")
     return converted
 
 

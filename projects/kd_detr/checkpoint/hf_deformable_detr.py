@@ -25,10 +25,11 @@ import torch
 
 from ..modeling.transformer import MLP
 from .hf_common import (
-    BACKBONE_PREFIX,
+    CANONICAL_RENAMES,
+    add_backbone,
     apply_rules,
     config_mismatches,
-    convert_backbone,
+    split_backbone,
     transformer_config_pairs,
 )
 
@@ -40,11 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CANONICAL = [
-    (r"^model\.backbone\.model\.", BACKBONE_PREFIX),
-    (r"\.o_proj\.", ".out_proj."),
-    (r"\.layers\.(\d+)\.mlp\.fc(\d)\.", r".layers.\1.fc\2."),
-]
 _MODEL = [
     (r"^model\.input_proj\.(\d+)\.([01])\.", r"input_proj.\1.\2."),
     (r"^model\.level_embed$", "transformer.level_embed"),
@@ -133,16 +129,9 @@ def convert_hf_deformable_detr(
         )
     refine, two_stage = hf_config.get("with_box_refine"), hf_config.get("two_stage")
     num_pred = hf_config.get("decoder_layers", 6) + (1 if two_stage else 0)
-    backbone, heads, converted, unconverted = {}, {}, {}, []
-    for key, value in hf_state_dict.items():
-        canonical = key
-        for pattern, repl in _CANONICAL:
-            canonical = re.sub(pattern, repl, canonical)
-        if canonical.endswith("num_batches_tracked"):
-            continue
-        if canonical.startswith(BACKBONE_PREFIX):
-            backbone[canonical[len(BACKBONE_PREFIX) :]] = value
-            continue
+    heads, converted, unconverted = {}, {}, []
+    backbone, rest = split_backbone(hf_state_dict, CANONICAL_RENAMES)
+    for key, canonical, value in rest:
         head = _HEAD_RE.match(canonical)
         if head:  # the decoder's copy wins over a tied top-level one
             name, index, param = head.groups()
@@ -157,16 +146,7 @@ def convert_hf_deformable_detr(
             converted[new] = value
     hf_backbone = (hf_config.get("backbone_config") or {}).get("model_type")
     kind = "resnet" if hf_backbone == "resnet" else "timm_backbone"
-    backbone, backbone_unconverted = convert_backbone(backbone, kind)
-    converted.update(backbone)
-    unconverted += [BACKBONE_PREFIX + k for k in backbone_unconverted]
-    if not backbone:
-        unconverted.append(f"(no backbone keys under {BACKBONE_PREFIX})")
-    if unconverted:
-        raise ValueError(
-            f"{len(unconverted)} Hugging Face Deformable DETR keys were not converted "
-            f"(unsupported model parts?): {sorted(unconverted)}"
-        )
+    add_backbone(converted, unconverted, backbone, kind, "Deformable DETR")
     converted.update(_heads(heads, bool(refine), num_pred))
     if not two_stage:
         converted.update(initial_box_pos_head(hf_config.get("d_model", 256)))

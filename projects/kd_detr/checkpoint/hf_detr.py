@@ -16,10 +16,11 @@ from typing import Dict, List, Mapping, Tuple
 import torch
 
 from .hf_common import (
-    BACKBONE_PREFIX,
+    CANONICAL_RENAMES,
+    add_backbone,
     apply_rules,
     config_mismatches,
-    convert_backbone,
+    split_backbone,
     transformer_config_pairs,
 )
 
@@ -31,13 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# Canonical (on-disk) spellings of the keys renamed by transformers >= 5.
-_CANONICAL = [
-    (r"^model\.backbone\.model\.", "model.backbone.conv_encoder.model."),
-    (r"\.o_proj\.", ".out_proj."),
-    (r"\.layers\.(\d+)\.mlp\.fc(\d)\.", r".layers.\1.fc\2."),
-]
 
 _ENC_LAYER = {"self_attn_layer_norm": "norm1", "final_layer_norm": "norm2"}
 _DEC_LAYER = {
@@ -97,29 +91,15 @@ def convert_hf_detr(hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mappin
     if model_type != "detr":
         raise ValueError(f"convert_hf_detr expects model_type 'detr', got {model_type!r}")
     kind = _backbone_kind(hf_config)
-    backbone, converted, unconverted = {}, {}, []
-    for key, value in hf_state_dict.items():
-        canonical = key
-        for pattern, repl in _CANONICAL:
-            canonical = re.sub(pattern, repl, canonical)
-        if canonical.endswith("num_batches_tracked"):
-            continue
-        if canonical.startswith(BACKBONE_PREFIX):
-            backbone[canonical[len(BACKBONE_PREFIX) :]] = value
-            continue
+    converted, unconverted = {}, []
+    backbone, rest = split_backbone(hf_state_dict, CANONICAL_RENAMES)
+    for key, canonical, value in rest:
         new = _transformer_key(canonical) or apply_rules(_HEADS, canonical)
         if new is None:
             unconverted.append(key)
         else:
             converted[new] = value
-    backbone, backbone_unconverted = convert_backbone(backbone, kind)
-    converted.update(backbone)
-    unconverted += [BACKBONE_PREFIX + k for k in backbone_unconverted]
-    if unconverted:
-        raise ValueError(
-            f"{len(unconverted)} Hugging Face DETR keys were not converted (unsupported model "
-            f"parts?): {sorted(unconverted)}"
-        )
+    add_backbone(converted, unconverted, backbone, kind, "DETR", require_backbone=False)
     return converted
 
 

@@ -23,6 +23,7 @@ from ..denoising import (
 from ..query_groups import check_box_group
 from ..transformer import MLP
 from ..transformer.dab_transformer import inverse_sigmoid
+from .denoising_forward import DenoisingForwardMixin
 from .detr import DETR, ImagesLike
 
 __all__ = ["DABDETR", "block_diagonal_mask"]
@@ -36,7 +37,7 @@ def block_diagonal_mask(sizes: List[int], device=None) -> torch.Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class DABDETR(DETR):
+class DABDETR(DenoisingForwardMixin, DETR):
     """DAB-DETR: DETR whose decoder queries are anchor boxes (cx, cy, w, h) refined per layer.
 
     Detection queries are ``NUM_QUERIES`` learned anchors (``refpoint_embed``, stored before the
@@ -293,17 +294,6 @@ class DABDETR(DETR):
         outputs = self._pack_outputs(per_set[:-1], encoded)
         outputs["denoising"] = dict(per_set[-1], queries=denoising)
         return outputs
-
-    def forward(self, batched_inputs: List[Dict], extra_query_groups: Optional[List[Dict]] = None):
-        """:meth:`DETR.forward`; in training with ``MODEL.DETR.DN`` the targets also become
-        denoising queries and the losses include ``loss_*_dn`` (see :meth:`losses`)."""
-        if not (self.training and self.denoising is not None):
-            return super().forward(batched_inputs, extra_query_groups)
-        images = self.preprocess_image(batched_inputs)
-        targets = self.prepare_targets(batched_inputs, images.image_sizes)
-        outputs = self.forward_raw(images, extra_query_groups, self.denoising(targets))
-        loss_dict = self.losses(outputs, targets)
-        return loss_dict if extra_query_groups is None else (loss_dict, outputs)
 
     def losses(self, outputs, targets) -> Dict[str, torch.Tensor]:
         """Weighted detection losses, plus the weighted denoising losses ``loss_*_dn`` (last

@@ -28,6 +28,7 @@ from ..transformer.dab_transformer import inverse_sigmoid
 from ..transformer.query_selection import EncoderProposals, topk_indices
 from .dab_detr import block_diagonal_mask
 from .deformable_detr import DeformableDETR
+from .denoising_forward import DenoisingForwardMixin
 from .detr import ImagesLike
 
 __all__ = ["DINO"]
@@ -42,7 +43,7 @@ def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @META_ARCH_REGISTRY.register()
-class DINO(DeformableDETR):
+class DINO(DenoisingForwardMixin, DeformableDETR):
     """DINO: Deformable DETR encoder, mixed query selection, contrastive denoising and
     look-forward-twice box refinement; sigmoid focal classification.
 
@@ -282,17 +283,6 @@ class DINO(DeformableDETR):
         if dn_decoded is not None:
             outputs["denoising"] = dict(self.predict(*dn_decoded), queries=denoising)
         return outputs
-
-    def forward(self, batched_inputs: List[Dict], extra_query_groups: Optional[List[Dict]] = None):
-        """:meth:`DETR.forward`; in training with denoising the targets also become contrastive
-        denoising queries and the losses include ``loss_*_dn``."""
-        if not (self.training and self.denoising is not None):
-            return super().forward(batched_inputs, extra_query_groups)
-        images = self.preprocess_image(batched_inputs)
-        targets = self.prepare_targets(batched_inputs, images.image_sizes)
-        outputs = self.forward_raw(images, extra_query_groups, self.denoising(targets))
-        loss_dict = self.losses(outputs, targets)
-        return loss_dict if extra_query_groups is None else (loss_dict, outputs)
 
     # ---------------------------------------------------------------- losses
     def losses(self, outputs, targets) -> Dict[str, torch.Tensor]:

@@ -11,17 +11,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_detr import add_kd_detr_config
 from kd_detr.ov import RegionTextClassifier, ViLDOutputLayers, vild_ensemble, vild_image_loss
 from kd_detr.ov.vild_output_layers import base_class_mask, load_novel_category_mask
 from tests.common import shared_data
+from tests.vild_helpers import tiny_vild_roi_cfg
 
 
 def _unit(x):
@@ -178,23 +177,7 @@ class TestViLDROIHeads(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def _cfg(self, **vild):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.MODEL.ROI_HEADS.NAME = "ViLDROIHeads"
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p3"]
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 8
-        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 16
-        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
-        cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
-        cfg.MODEL.OV.TEXT_EMBEDDINGS = self.emb
-        cfg.MODEL.OV.EMBED_DIM = 8
-        cfg.MODEL.OV.VILD.IMAGE_LOSS_WEIGHT = 0.5
-        for key, value in vild.items():
-            cfg.MODEL.OV.VILD[key] = value
-        return cfg
+        return tiny_vild_roi_cfg(self.emb, **vild)
 
     def _inputs(self):
         torch.manual_seed(0)

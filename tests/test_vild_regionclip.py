@@ -6,14 +6,12 @@ import os
 import shutil
 import tempfile
 import unittest
-import uuid
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, Instances
@@ -21,16 +19,13 @@ from detectron2.utils.events import EventStorage
 
 from kd_detr import add_kd_detr_config
 from kd_detr.engine import Trainer
-from kd_detr.ov import COCO_OVD_NOVEL_IDS, register_coco_ovd
-from kd_detr.ov.clip_regions import ClipRegionCache, precompute_clip_regions
-from kd_detr.ov.region_proposals import load_proposals_file
 from kd_detr.ov.regionclip import (
     pseudo_region_labels,
     region_concept_contrastive_loss,
     region_concept_distillation_loss,
 )
-from tests.common import REPO_ROOT, shared_data
-from tests.test_vild_clip_regions import coco128_subset, make_tiny_clip, proposals_json
+from tests.common import REPO_ROOT
+from tests.vild_helpers import Coco128ViLDData, tiny_vild_roi_cfg
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "regionclip_efflite0_fpn_coco128_ovd.yaml")
 SHAPE = {"p3": ShapeSpec(channels=4, stride=8)}
@@ -56,22 +51,7 @@ class TestRegionCLIPInViLDHeads(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def _cfg(self, image_loss_weight=0.0, concepts="", **vild):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.MODEL.ROI_HEADS.NAME = "ViLDROIHeads"
-        cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p3"]
-        cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3
-        cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 8
-        cfg.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
-        cfg.MODEL.ROI_BOX_HEAD.NUM_FC = 1
-        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 16
-        cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 4
-        cfg.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = True
-        cfg.MODEL.OV.TEXT_EMBEDDINGS = self.emb
-        cfg.MODEL.OV.EMBED_DIM = 8
-        cfg.MODEL.OV.VILD.IMAGE_LOSS_WEIGHT = image_loss_weight
-        for key, value in vild.items():
-            cfg.MODEL.OV.VILD[key] = value
+        cfg = tiny_vild_roi_cfg(self.emb, image_loss_weight, **vild)
         rc = cfg.MODEL.OV.REGIONCLIP
         rc.CONCEPT_EMBEDDINGS = concepts
         rc.TEMPERATURE = TEMPERATURE
@@ -191,32 +171,14 @@ class TestRegionCLIPCoco128Config(unittest.TestCase):
     def setUpClass(cls):
         torch.set_num_threads(1)
         cls.tmp = tempfile.mkdtemp(prefix="kd_regionclip_train_")
-        tag = uuid.uuid4().hex[:6]
-        cls.train_name, cls.val_name = f"rclip_test_train_{tag}", f"rclip_test_val_{tag}"
-        train_json, train_root, coco = coco128_subset(cls.tmp, "train2017", 4)
-        val_json, val_root, _ = coco128_subset(cls.tmp, "val2017", 2, COCO_OVD_NOVEL_IDS)
-        ovd_cache = os.path.join(cls.tmp, "ovd")
-        register_coco_ovd(cls.train_name, train_json, train_root, "train", ovd_cache)
-        register_coco_ovd(cls.val_name, val_json, val_root, "val", ovd_cache, vocabulary=65)
-        _, _, clip = make_tiny_clip(cls.tmp, embed_dim=512)
-        by_image = load_proposals_file(proposals_json(cls.tmp, coco))
-        cls.regions = ClipRegionCache.create(os.path.join(cls.tmp, "regions"), {"test": tag})
-        precompute_clip_regions(
-            DatasetCatalog.get(cls.train_name),
-            lambda record, image: by_image[str(record["image_id"])],
-            clip,
-            cls.regions,
-            num_proposals=8,
-            show_progress=False,
-        )
-        cls.text = shared_data("clip_text", "coco_clip_a+cname.npy")
+        cls.data = Coco128ViLDData(cls.tmp, "rclip_test", 4, 2)
+        cls.train_name, cls.val_name = cls.data.train_name, cls.data.val_name
+        cls.proposals, cls.regions, cls.text = cls.data.proposals, cls.data.regions, cls.data.text
 
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
-        for name in (cls.train_name, cls.val_name):
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        cls.data.remove()
 
     def test_two_iterations(self):
         cfg = get_cfg()

@@ -11,23 +11,16 @@ import numpy as np
 import torch
 
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.utils.events import EventStorage
 
 from kd_detr import add_kd_detr_config
 from kd_detr.engine import Trainer
-from kd_detr.ov import (
-    COCO_OVD_BASE_IDS,
-    COCO_OVD_NOVEL_IDS,
-    load_text_embeddings,
-    register_coco_ovd,
-)
-from kd_detr.ov.clip_regions import ClipRegionCache, precompute_clip_regions
-from kd_detr.ov.region_proposals import load_proposals_file
+from kd_detr.ov import COCO_OVD_BASE_IDS, load_text_embeddings
 from kd_detr.ov.vild_data import ViLDDatasetMapper
-from tests.common import REPO_ROOT, shared_data
-from tests.test_vild_clip_regions import coco128_subset, make_tiny_clip, proposals_json
+from tests.common import REPO_ROOT
+from tests.vild_helpers import Coco128ViLDData
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "vild_efflite0_fpn_coco128_ovd.yaml")
 
@@ -37,34 +30,14 @@ class TestViLDTraining(unittest.TestCase):
     def setUpClass(cls):
         torch.set_num_threads(1)
         cls.tmp = tempfile.mkdtemp(prefix="kd_vild_train_")
-        tag = uuid.uuid4().hex[:6]
-        cls.train_name, cls.val_name = f"vild_test_train_{tag}", f"vild_test_val_{tag}"
-        train_json, train_root, coco = coco128_subset(cls.tmp, "train2017", 6)
-        val_json, val_root, _ = coco128_subset(cls.tmp, "val2017", 3, COCO_OVD_NOVEL_IDS)
-        ovd_cache = os.path.join(cls.tmp, "ovd")
-        register_coco_ovd(cls.train_name, train_json, train_root, "train", ovd_cache)
-        register_coco_ovd(cls.val_name, val_json, val_root, "val", ovd_cache, vocabulary=65)
-        # ViLD-image targets from a tiny random CLIP with 512-d embeddings (the text size)
-        _, _, clip = make_tiny_clip(cls.tmp, embed_dim=512)
-        cls.proposals = proposals_json(cls.tmp, coco)
-        by_image = load_proposals_file(cls.proposals)
-        cls.regions = ClipRegionCache.create(os.path.join(cls.tmp, "regions"), {"test": tag})
-        precompute_clip_regions(
-            DatasetCatalog.get(cls.train_name),
-            lambda record, image: by_image[str(record["image_id"])],
-            clip,
-            cls.regions,
-            num_proposals=8,
-            show_progress=False,
-        )
-        cls.text = shared_data("clip_text", "coco_clip_a+cname.npy")
+        cls.data = Coco128ViLDData(cls.tmp, "vild_test", 6, 3)
+        cls.train_name, cls.val_name = cls.data.train_name, cls.data.val_name
+        cls.proposals, cls.regions, cls.text = cls.data.proposals, cls.data.regions, cls.data.text
 
     @classmethod
     def tearDownClass(cls):
         shutil.rmtree(cls.tmp, ignore_errors=True)
-        for name in (cls.train_name, cls.val_name):
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
+        cls.data.remove()
 
     def _cfg(self, **extra):
         cfg = get_cfg()

@@ -1,11 +1,13 @@
 # Copyright (c) kd_detr contributors.
-"""Shared test helpers: locating ../shared/data and optional packages.
+"""Shared test helpers: locating ../shared/data and optional packages, a temp-folder test case.
 
 Tests that need the shared real data or an optional package skip locally when it is absent, but
 fail under ``CI=true``, where everything must be present.
 """
 import importlib
 import os
+import shutil
+import tempfile
 import unittest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,3 +40,22 @@ def require_module(name):
         return importlib.import_module(name)
     except ImportError as e:
         _missing(f"optional package {name!r} is not installed ({e}); run tools/bootstrap.sh")
+
+
+class TempDatasetsCase(unittest.TestCase):
+    """A test case with a temporary folder ``self.tmp`` and a list ``self.names`` of datasets it
+    registered, both removed after each test."""
+
+    tmp_prefix = "kd_test_"
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix=self.tmp_prefix)
+        self.names = []
+
+    def tearDown(self):
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        for name in self.names:
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        shutil.rmtree(self.tmp, ignore_errors=True)

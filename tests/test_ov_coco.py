@@ -6,8 +6,6 @@ import io
 import json
 import math
 import os
-import shutil
-import tempfile
 import unittest
 import uuid
 from collections import defaultdict
@@ -15,7 +13,6 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
 from kd_detr.ov import (
@@ -26,7 +23,7 @@ from kd_detr.ov import (
     build_coco_ovd_json,
     register_coco_ovd,
 )
-from tests.common import require_module, shared_data
+from tests.common import TempDatasetsCase, require_module, shared_data
 
 DATASETS = ("coco128", "tiny_coco")
 
@@ -130,16 +127,8 @@ class TestCocoOvdSplit(unittest.TestCase):
             build_coco_ovd_json(coco, "val", vocabulary=48)
 
 
-class TestCocoOvdEvaluator(unittest.TestCase):
-    def setUp(self):
-        self.tmp = tempfile.mkdtemp(prefix="kd_ov_coco_")
-        self.names = []
-
-    def tearDown(self):
-        for name in self.names:
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+class TestCocoOvdEvaluator(TempDatasetsCase):
+    tmp_prefix = "kd_ov_coco_"
 
     def _evaluate(self, dataset, vocabulary, seed):
         src, _ = _load(dataset)

@@ -43,6 +43,16 @@ INPUT:
 """
 
 
+def save_checkpoint_and_image(directory, model, name):
+    """Save ``model`` as ``directory/name.pth`` and a random 150 x 120 RGB image; return both
+    paths (the demo's weights and input)."""
+    DetectionCheckpointer(model, save_dir=directory).save(name)
+    image = os.path.join(directory, "street.jpg")
+    pixels = np.random.RandomState(1).randint(0, 255, (120, 150, 3)).astype(np.uint8)
+    Image.fromarray(pixels).save(image)
+    return os.path.join(directory, f"{name}.pth"), image
+
+
 def _load_demo():
     path = os.path.join(REPO_ROOT, "tools", "ov_demo.py")
     spec = importlib.util.spec_from_file_location("kd_ov_demo_cli", path)
@@ -77,11 +87,7 @@ class TestOVDemo(unittest.TestCase):
         add_kd_detr_config(cfg)
         cfg.merge_from_file(cls.config)
         model = build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cls.tmp).save("tiny_ov")
-        cls.weights = os.path.join(cls.tmp, "tiny_ov.pth")
-        cls.image = os.path.join(cls.tmp, "street.jpg")
-        pixels = np.random.RandomState(1).randint(0, 255, (120, 150, 3)).astype(np.uint8)
-        Image.fromarray(pixels).save(cls.image)
+        cls.weights, cls.image = save_checkpoint_and_image(cls.tmp, model, "tiny_ov")
         cls.demo = _load_demo()
 
     @classmethod

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
@@ -19,7 +18,7 @@ from detectron2.modeling import build_model
 from kd_detr.config import add_kd_detr_config
 from kd_detr.ov.text_embeddings import load_text_embeddings
 from tests.common import REPO_ROOT, shared_data
-from tests.test_ov_demo import _load_demo
+from tests.test_ov_demo import _load_demo, save_checkpoint_and_image
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "vild_efflite0_fpn_coco128_ovd.yaml")
 # small test images, no ImageNet weights (the checkpoint holds every weight)
@@ -44,11 +43,7 @@ class TestViLDDemo(unittest.TestCase):
         )  # fmt: skip
         torch.manual_seed(0)
         model = build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cls.tmp).save("tiny_vild")
-        cls.weights = os.path.join(cls.tmp, "tiny_vild.pth")
-        cls.image = os.path.join(cls.tmp, "street.jpg")
-        pixels = np.random.RandomState(1).randint(0, 255, (120, 150, 3)).astype(np.uint8)
-        Image.fromarray(pixels).save(cls.image)
+        cls.weights, cls.image = save_checkpoint_and_image(cls.tmp, model, "tiny_vild")
         cls.demo = _load_demo()
 
     @classmethod

@@ -13,8 +13,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import unittest
 import uuid
 import warnings
@@ -37,7 +35,7 @@ from kd_detr.ov import (
     load_class_freq_weight,
     register_lvis_ovd,
 )
-from tests.common import REPO_ROOT, require_module, shared_data
+from tests.common import REPO_ROOT, TempDatasetsCase, require_module, shared_data
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 AR_METRICS = ("AR@300", "ARs@300", "ARm@300", "ARl@300")
@@ -176,17 +174,12 @@ def _lvis_api(gt_path, dets, max_dets=300):
     return dict(ev.get_results())
 
 
-class _TmpDirCase(unittest.TestCase):
+class _TmpDirCase(TempDatasetsCase):
+    tmp_prefix = "kd_ov_lvis_"
+
     def setUp(self):
         torch.set_num_threads(1)
-        self.tmp = tempfile.mkdtemp(prefix="kd_ov_lvis_")
-        self.names = []
-
-    def tearDown(self):
-        for name in self.names:
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        super().setUp()
 
     def _write(self, obj, stem):
         path = os.path.join(self.tmp, f"{stem}.json")

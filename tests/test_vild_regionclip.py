@@ -25,7 +25,7 @@ from kd_detr.ov.regionclip import (
     region_concept_distillation_loss,
 )
 from tests.common import REPO_ROOT
-from tests.vild_helpers import Coco128ViLDData, tiny_vild_roi_cfg
+from tests.vild_helpers import Coco128ViLDCase, tiny_vild_roi_cfg
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "regionclip_efflite0_fpn_coco128_ovd.yaml")
 SHAPE = {"p3": ShapeSpec(channels=4, stride=8)}
@@ -163,22 +163,11 @@ class TestRegionCLIPInViLDHeads(unittest.TestCase):
             build_roi_heads(self._cfg(concepts=wide), SHAPE)
 
 
-class TestRegionCLIPCoco128Config(unittest.TestCase):
+class TestRegionCLIPCoco128Config(Coco128ViLDCase):
     """configs/ov/regionclip_efflite0_fpn_coco128_ovd.yaml trains 2 iterations on real coco128
     images with Detic's COCO text embeddings and a CLIP region cache from a tiny random CLIP."""
 
-    @classmethod
-    def setUpClass(cls):
-        torch.set_num_threads(1)
-        cls.tmp = tempfile.mkdtemp(prefix="kd_regionclip_train_")
-        cls.data = Coco128ViLDData(cls.tmp, "rclip_test", 4, 2)
-        cls.train_name, cls.val_name = cls.data.train_name, cls.data.val_name
-        cls.proposals, cls.regions, cls.text = cls.data.proposals, cls.data.regions, cls.data.text
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-        cls.data.remove()
+    prefix, num_train, num_val = "rclip_test", 4, 2
 
     def test_two_iterations(self):
         cfg = get_cfg()

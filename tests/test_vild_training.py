@@ -2,8 +2,6 @@
 """ViLD (text + image) trains on real coco128 base-class images with Detic's real COCO CLIP text
 embeddings and a CLIP region cache, then evaluates novel / base AP50 (configs/ov demo config)."""
 import os
-import shutil
-import tempfile
 import unittest
 import uuid
 
@@ -20,24 +18,13 @@ from kd_detr.engine import Trainer
 from kd_detr.ov import COCO_OVD_BASE_IDS, load_text_embeddings
 from kd_detr.ov.vild_data import ViLDDatasetMapper
 from tests.common import REPO_ROOT
-from tests.vild_helpers import Coco128ViLDData
+from tests.vild_helpers import Coco128ViLDCase
 
 CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "vild_efflite0_fpn_coco128_ovd.yaml")
 
 
-class TestViLDTraining(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        torch.set_num_threads(1)
-        cls.tmp = tempfile.mkdtemp(prefix="kd_vild_train_")
-        cls.data = Coco128ViLDData(cls.tmp, "vild_test", 6, 3)
-        cls.train_name, cls.val_name = cls.data.train_name, cls.data.val_name
-        cls.proposals, cls.regions, cls.text = cls.data.proposals, cls.data.regions, cls.data.text
-
-    @classmethod
-    def tearDownClass(cls):
-        shutil.rmtree(cls.tmp, ignore_errors=True)
-        cls.data.remove()
+class TestViLDTraining(Coco128ViLDCase):
+    prefix, num_train, num_val = "vild_test", 6, 3
 
     def _cfg(self, **extra):
         cfg = get_cfg()

@@ -2,7 +2,12 @@
 """Shared fixtures of the ViLD tests: a tiny ViLD ROI-heads config and a coco128 COCO-OVD
 subset with a CLIP region cache from a tiny random CLIP."""
 import os
+import shutil
+import tempfile
+import unittest
 import uuid
+
+import torch
 
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -69,3 +74,24 @@ class Coco128ViLDData:
         for name in (self.train_name, self.val_name):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+class Coco128ViLDCase(unittest.TestCase):
+    """Test case with a :class:`Coco128ViLDData` of ``num_train`` / ``num_val`` images for the
+    whole class: ``cls.train_name``, ``cls.val_name``, ``cls.proposals``, ``cls.regions``,
+    ``cls.text``, all removed afterwards."""
+
+    prefix, num_train, num_val = "vild_case", 4, 2
+
+    @classmethod
+    def setUpClass(cls):
+        torch.set_num_threads(1)
+        cls.tmp = tempfile.mkdtemp(prefix=f"kd_{cls.prefix}_")
+        cls.data = Coco128ViLDData(cls.tmp, cls.prefix, cls.num_train, cls.num_val)
+        cls.train_name, cls.val_name = cls.data.train_name, cls.data.val_name
+        cls.proposals, cls.regions, cls.text = cls.data.proposals, cls.data.regions, cls.data.text
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        cls.data.remove()

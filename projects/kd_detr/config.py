@@ -1,6 +1,9 @@
 # Copyright (c) kd_detr contributors.
 """Config keys added by kd_detr: ``add_kd_detr_config(cfg)`` is the only entry point."""
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .data import register_demo_datasets, register_from_config
 
 from .distill.config import add_kd_config
 from .modeling.denoising.config import add_denoising_config
@@ -22,6 +25,26 @@ def add_kd_detr_config(cfg):
     add_denoising_config(cfg)
     add_kd_config(cfg)
     add_ov_config(cfg)
+
+
+def load_config(config_file="", opts=(), freeze=True):
+    """The one way to get a kd_detr config: Detectron2's defaults + kd_detr's keys + the file
+    (if any) + ``opts`` (a flat ``["KEY", "VALUE", ...]`` list), with the config's datasets
+    registered (demo datasets, ``DATASETS.COCO_JSON`` / ``VOC`` / ``COCO_OVD``).
+
+    Returns:
+        CfgNode: frozen unless ``freeze`` is False.
+    """
+    cfg = get_cfg()
+    add_kd_detr_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    register_demo_datasets(cfg)
+    register_from_config(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
 
 
 def _add_data_config(cfg):

@@ -10,25 +10,18 @@
 import time
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
-from kd_detr import add_kd_detr_config
-from kd_detr.data import register_demo_datasets, register_from_config
+from kd_detr.config import load_config
 from kd_detr.engine import KDTrainer, Trainer, launch, write_metrics_json
 from kd_detr.modeling.num_classes import check_num_classes
 
 
 def setup(args):
-    """Build the frozen config: Detectron2 defaults + kd_detr keys + file + command line."""
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    register_demo_datasets(cfg)
-    register_from_config(cfg)
+    """Build the frozen config (Detectron2 defaults + kd_detr keys + file + command line, its
+    datasets registered) and check the model's class count against the training data."""
+    cfg = load_config(args.config_file, args.opts)
     check_num_classes(cfg)
     default_setup(cfg, args)
     return cfg

@@ -52,14 +52,10 @@ def peak_rss_mib():
 
 
 def build_cfg(teacher_weights, group_decoding, num_points=300):
-    from detectron2.config import get_cfg
-
-    from kd_detr import add_kd_detr_config
+    from kd_detr.config import load_config
 
     no_pretrained = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, KD_CONFIG))
+    cfg = load_config(os.path.join(ROOT, KD_CONFIG), freeze=False)
     cfg.merge_from_list(
         no_pretrained
         + [
@@ -97,15 +93,14 @@ def save_teacher(path):
     import torch
 
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from kd_detr import add_kd_detr_config
+    from kd_detr.config import load_config
 
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs/dab_detr/dab_detr_R_50_50ep_coco.yaml"))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
+    cfg = load_config(
+        os.path.join(ROOT, "configs/dab_detr/dab_detr_R_50_50ep_coco.yaml"),
+        ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     DetectionCheckpointer(model, save_dir=os.path.dirname(path)).save(
@@ -135,8 +130,8 @@ def worker(name, args):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
+    from kd_detr.distill import build_kd_losses, build_pairing
     from kd_detr.distill.points import DistillationPointSampler, specific_points
-    from kd_detr.distill.registry import build_kd_losses
     from kd_detr.distill.teacher import build_teacher
     from kd_detr.engine.kd_trainer import KDSimpleTrainer
     from kd_detr.engine.optimizer import build_optimizer
@@ -161,7 +156,7 @@ def worker(name, args):
             optimizer,
             teacher=teacher,
             kd_losses=build_kd_losses(cfg),
-            sampler=DistillationPointSampler(cfg),
+            pairing=build_pairing(cfg, student=student, teacher=teacher),
         )
     if name in ("student", "kd_masked", "kd_separate"):
         trainer.iter = 0

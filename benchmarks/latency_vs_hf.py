@@ -170,20 +170,14 @@ def build_hf_model(name: str, preset: str = "paper", seed: int = 0) -> torch.nn.
 
 def kd_detr_cfg(name: str, preset: str = "paper"):
     """The frozen kd_detr config of ``MODELS[name]`` (CPU, no pretrained weights)."""
-    from detectron2.config import get_cfg
-
-    from kd_detr import add_kd_detr_config
+    from kd_detr.config import load_config
 
     spec = MODELS[name]
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(
-        os.path.join(ROOT, spec.config_file if preset == "paper" else spec.tiny_config_file)
-    )
     opts = list(spec.opts) + (list(spec.paper_opts) if preset == "paper" else [])
-    cfg.merge_from_list(opts + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"])
-    cfg.freeze()
-    return cfg
+    return load_config(
+        os.path.join(ROOT, spec.config_file if preset == "paper" else spec.tiny_config_file),
+        opts + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"],
+    )
 
 
 def convert_into_ours(hf: torch.nn.Module, cfg) -> torch.nn.Module:

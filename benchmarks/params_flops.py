@@ -218,14 +218,10 @@ def backbone_opts(backbone: str, multi_scale: bool) -> List[str]:
 
 def build_cfg(variant: str, backbone: str, config_file: Optional[str] = None, opts=()):
     """Frozen config of ``variant`` (its recipe, or ``config_file``) with ``backbone``."""
-    from detectron2.config import get_cfg
-
-    from kd_detr import add_kd_detr_config
+    from kd_detr.config import load_config
 
     recipe, variant_opts = VARIANTS[variant] if config_file is None else (config_file, ())
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, recipe))
+    cfg = load_config(os.path.join(ROOT, recipe), freeze=False)
     multi_scale = cfg.MODEL.META_ARCHITECTURE not in SINGLE_SCALE_ARCHS
     cfg.merge_from_list(
         list(variant_opts)
@@ -246,8 +242,6 @@ def measure(cfg, height: int, width: int) -> Dict[str, float]:
     """
     from detectron2.modeling import build_model
 
-    import kd_detr.modeling.meta_arch  # noqa: F401  (registers the meta-architectures)
-
     model = build_model(cfg).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -266,11 +260,9 @@ def measure(cfg, height: int, width: int) -> Dict[str, float]:
 def available_variants(names: Sequence[str]) -> Tuple[List[str], List[str]]:
     """(variants that can be built here, skip messages): a variant is skipped when its recipe
     or its meta-architecture does not exist in this checkout (e.g. DINO before it is merged)."""
-    from detectron2.config import get_cfg
     from detectron2.modeling import META_ARCH_REGISTRY
 
-    import kd_detr.modeling.meta_arch  # noqa: F401  (registers the meta-architectures)
-    from kd_detr import add_kd_detr_config
+    from kd_detr.config import load_config
 
     ok, skipped = [], []
     for name in names:
@@ -278,9 +270,7 @@ def available_variants(names: Sequence[str]) -> Tuple[List[str], List[str]]:
         if not os.path.isfile(os.path.join(ROOT, recipe)):
             skipped.append(f"{name}: recipe {recipe} not found")
             continue
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(os.path.join(ROOT, recipe))
+        cfg = load_config(os.path.join(ROOT, recipe))
         if cfg.MODEL.META_ARCHITECTURE not in META_ARCH_REGISTRY:
             skipped.append(f"{name}: meta-architecture {cfg.MODEL.META_ARCHITECTURE} not found")
         else:

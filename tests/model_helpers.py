@@ -10,10 +10,9 @@ from unittest import mock
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 
 from .common import REPO_ROOT
 
@@ -22,13 +21,7 @@ TEST_CONFIGS = os.path.join(REPO_ROOT, "configs", "tests")
 
 def config_from(config_file, *opts, freeze=False):
     """kd_detr config of ``config_file`` with ``opts`` (KEY VALUE ...) merged in."""
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    if freeze:
-        cfg.freeze()
-    return cfg
+    return load_config(config_file, opts, freeze=freeze, register_datasets=False)
 
 
 def perturb_box_heads(heads, std=0.1):

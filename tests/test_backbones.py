@@ -21,7 +21,7 @@ from detectron2.modeling import build_backbone, build_model
 from detectron2.modeling.backbone.fpn import build_resnet_fpn_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.modeling.backbone import (
     EFFICIENTNET_LITE_INPUT_FORMAT,
     EFFICIENTNET_LITE_PIXEL_MEAN,
@@ -45,9 +45,7 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def _eff_cfg(name="efficientnet_lite0", **overrides):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(EFF_YAML)
+    cfg = load_config(EFF_YAML, freeze=False, register_datasets=False)
     cfg.MODEL.EFFICIENTNET_LITE.NAME = name
     cfg.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = list(STAGES)
     for key, value in overrides.items():

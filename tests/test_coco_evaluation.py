@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json, register_coco_instances
 from detectron2.structures import Boxes, Instances
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.evaluation import (
     BOX_STAT_NAMES,
     FastCOCOEvaluator,
@@ -341,8 +340,7 @@ def test_bad_inputs():
 
 def test_build_evaluator():
     name, _ = _register_synthetic()
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     assert isinstance(build_evaluator(cfg, name, None), FastCOCOEvaluator)
     cfg.TEST.EVALUATOR = "voc"
     with pytest.raises(ValueError, match="'voc'.*valid names: coco"):

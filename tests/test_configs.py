@@ -8,14 +8,12 @@ import unittest
 
 import numpy as np
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-import kd_detr  # noqa: F401  (registers models)
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.data import register_from_config
 from kd_detr.modeling.num_classes import num_classes_key
-from kd_detr.ov import expand_data_path
+from kd_detr.utils import expand_data_path
 from tests.common import REPO_ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -43,12 +41,10 @@ def stand_in_missing_inputs(cfg, tmp):
         ov.VILD.NOVEL_CATEGORIES = ""
 
 
-def load_config(path):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.MODEL.DEVICE = "cpu"
-    return cfg
+def recipe_config(path):
+    """The recipe on the CPU, not frozen, datasets not registered yet (see
+    :func:`stand_in_missing_inputs`)."""
+    return load_config(path, ["MODEL.DEVICE", "cpu"], freeze=False, register_datasets=False)
 
 
 class TestConfigs(unittest.TestCase):
@@ -59,7 +55,7 @@ class TestConfigs(unittest.TestCase):
         for path in CONFIGS:
             name = os.path.relpath(path, REPO_ROOT)
             with self.subTest(config=name):
-                cfg = load_config(path)
+                cfg = recipe_config(path)
                 if os.path.basename(path).startswith("Base-"):
                     continue  # partial configs: merging is the test
                 with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +68,7 @@ class TestConfigs(unittest.TestCase):
         # Recipes state MAX_ITER from epochs: check the arithmetic of COCO recipes.
         coco_images = 117266
         for path in CONFIGS:
-            cfg = load_config(path)
+            cfg = recipe_config(path)
             if cfg.DATASETS.TRAIN != ("coco_2017_train",) or "epoch" not in open(path).read():
                 continue
             with self.subTest(config=os.path.relpath(path, REPO_ROOT)):
@@ -91,7 +87,7 @@ class TestConfigs(unittest.TestCase):
         ]
         for name in names:
             with self.subTest(config=name):
-                cfg = load_config(os.path.join(REPO_ROOT, "configs", name))
+                cfg = recipe_config(os.path.join(REPO_ROOT, "configs", name))
                 self.assertEqual(cfg.SOLVER.IMS_PER_BATCH, batch)
                 self.assertEqual(cfg.SOLVER.MAX_ITER, math.ceil(12 * coco_images / batch))
                 self.assertEqual(cfg.SOLVER.STEPS, (math.ceil(11 * coco_images / batch),))

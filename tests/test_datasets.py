@@ -8,7 +8,6 @@ import shutil
 import pytest
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     DatasetMapper,
@@ -19,7 +18,7 @@ from detectron2.data import (
 from detectron2.data.datasets.coco import convert_to_coco_dict
 
 import kd_detr.data
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.data.datasets import (
     load_voc_instances,
     register_coco_json,
@@ -106,8 +105,7 @@ def _voc(tmp_path, objects_per_image, with_size=True):
 
 
 def _train_cfg(name, filter_empty):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     cfg.DATASETS.TRAIN = (name,)
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = filter_empty
     cfg.DATALOADER.NUM_WORKERS = 0
@@ -333,8 +331,7 @@ def test_voc_conventions(tmp_path, names, caplog):
 def test_register_from_config(tmp_path, names):
     json_file, image_root = _coco(tmp_path)
     voc = _voc(tmp_path, {"a": [("cat", 0, (1, 1, 20, 20))]})
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     cfg.DATASETS.COCO_JSON = [f"t_cfg_coco, {json_file}, {image_root}"]
     cfg.DATASETS.VOC = [f"t_cfg_voc,{voc},train,cat; dog"]
     names.extend(["t_cfg_coco", "t_cfg_voc"])
@@ -355,8 +352,7 @@ def test_register_from_config(tmp_path, names):
     ],
 )
 def test_register_from_config_malformed(key, entry):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     cfg.DATASETS[key] = [entry]
     with pytest.raises(ValueError, match=f"Malformed cfg.DATASETS.{key} entry"):
         register_from_config(cfg)

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.data.datasets import demo
 from kd_detr.data.datasets.demo import (
     DEMO_CLASSES,
@@ -28,8 +27,7 @@ SMALL = DemoSettings(num_train=24, num_val=6, image_size=96)
 
 
 def _kd_cfg():
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     return cfg
 
 

@@ -11,13 +11,12 @@ from unittest import mock
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.modeling import box_ops
 from kd_detr.modeling.criterion import SetCriterion
 from kd_detr.modeling.matcher import HungarianMatcher
@@ -391,8 +390,7 @@ class TestDETR(unittest.TestCase):
 
         with self.assertRaisesRegex(ValueError, rf"NUM_CLASSES is 5 .*'{name}' has 3"):
             _build(cfg_hook=use_dataset)
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
+        cfg = load_config(freeze=False, register_datasets=False)
         cfg.DATASETS.TRAIN = (name,)
         cfg.MODEL.DETR.NUM_CLASSES = 3
         check_num_classes(cfg, "MODEL.DETR.NUM_CLASSES")  # matching count: no error

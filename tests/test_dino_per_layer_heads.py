@@ -154,8 +154,8 @@ class TestPerLayerHeads(unittest.TestCase):
             path = os.path.join(tmp, "text.npy")
             np.save(path, np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32))
             ov = (
-                "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.OV.DETR_HEAD.ENABLED",
-                "True", "MODEL.OV.EMBED_DIM", "16", "MODEL.OV.TEXT_EMBEDDINGS", path,
+                "DATASETS.TRAIN", "()", "DATASETS.TEST", "()", "MODEL.DETR.CLASS_HEAD",
+                "region_text", "MODEL.OV.EMBED_DIM", "16", "MODEL.OV.TEXT_EMBEDDINGS", path,
                 "MODEL.OV.BACKGROUND", "none",
             )  # fmt: skip
             self.assertNotIsInstance(build_model(tiny_cfg(*ov)).class_embed, nn.Linear)

@@ -7,6 +7,8 @@ import sys
 import tempfile
 import unittest
 
+import pytest
+
 from .common import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -50,6 +52,7 @@ class TestKDDemoParts(unittest.TestCase):
             kd_demo.parse_args(["--", "SOLVER.MAX_ITER"])
 
 
+@pytest.mark.slow
 class TestKDDemoEndToEnd(unittest.TestCase):
     def test_three_models_trained_evaluated_and_teacher_reused(self):
         with tempfile.TemporaryDirectory() as tmp:

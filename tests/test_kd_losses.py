@@ -231,7 +231,7 @@ class TestKDDETRLosses(unittest.TestCase):
         self.assertIs(type(loss), KD_LOSS_REGISTRY.get("KDDETRLoss"))
         self.assertEqual((loss.mode, loss.temperature, loss.cls_weight), ("normalized", 10.0, 3.0))
         s_logits, s_boxes, t_logits, t_boxes, weights = make_inputs()
-        out = loss(
+        out = loss.pair_losses(
             {"pred_logits": s_logits, "pred_boxes": s_boxes},
             final_layer_targets({"pred_logits": t_logits[None], "pred_boxes": t_boxes[None]}),
             weights,

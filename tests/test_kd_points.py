@@ -11,7 +11,7 @@ from scipy import stats
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.distill import DistillationPointSampler, add_kd_config, specific_points
 
 from .common import REPO_ROOT
@@ -104,9 +104,7 @@ class TestGeneralPoints(unittest.TestCase):
 class TestSpecificPoints(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(DAB_CONFIG)
+        cfg = load_config(DAB_CONFIG, freeze=False, register_datasets=False)
         torch.manual_seed(0)
         cls.teacher = build_model(cfg)  # training mode, anchors require grad
         cls.student = build_model(cfg).eval()

@@ -11,6 +11,7 @@ import os
 import tempfile
 import unittest
 
+import pytest
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
@@ -25,7 +26,9 @@ from .common import REPO_ROOT
 from .model_helpers import single_thread
 
 REFERENCE = os.path.join(REPO_ROOT, "tests", "fixtures", "kd_demo_reference_losses.json")
-KD_RECIPE = os.path.join(REPO_ROOT, "configs", "kd_detr", "kd_dab_detr_efflite0_from_efflite2_demo.yaml")
+KD_RECIPE = os.path.join(
+    REPO_ROOT, "configs", "kd_detr", "kd_dab_detr_efflite0_from_efflite2_demo.yaml"
+)
 TEACHER_CONFIG = os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite2_demo.yaml")
 ITERATIONS = 20
 SMALL = ["MODEL.EFFICIENTNET_LITE.PRETRAINED", "False", "DATALOADER.NUM_WORKERS", "0"]
@@ -66,6 +69,7 @@ def run_kd_demo_recipe(directory):
     return recorder.losses
 
 
+@pytest.mark.slow
 class TestKDReferenceLosses(unittest.TestCase):
     def test_twenty_iterations_bit_identical(self):
         with tempfile.TemporaryDirectory() as tmp, single_thread():

@@ -6,6 +6,7 @@ import os
 import tempfile
 import unittest
 
+import pytest
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -17,7 +18,7 @@ from detectron2.modeling import build_model
 from detectron2.utils import comm
 
 import train_net
-from kd_detr.distill import KD_LOSS_REGISTRY, DistillationPointSampler
+from kd_detr.distill import KD_LOSS_REGISTRY, DistillationPointSampler, PointKDTerm
 from kd_detr.engine import KDAMPTrainer, KDSimpleTrainer, KDWeightSchedule, launch
 
 from .common import REPO_ROOT
@@ -32,7 +33,7 @@ from .kd_helpers import (
 from .model_helpers import single_thread_module
 
 
-class LearnableScaleKDLoss(nn.Module):
+class LearnableScaleKDLoss(PointKDTerm):
     """A KD term with a learnable parameter: exp(s) * mean |student - teacher| final boxes."""
 
     @configurable
@@ -44,7 +45,7 @@ class LearnableScaleKDLoss(nn.Module):
     def from_config(cls, cfg):
         return {}
 
-    def forward(self, student, teacher, weights, group):
+    def pair_losses(self, student, teacher, weights, group):
         diff = (student["pred_boxes"][-1] - teacher["pred_boxes"]).abs().mean()
         return {f"loss_kd_scale_{group}": self.log_scale.exp() * diff}
 
@@ -284,7 +285,7 @@ class TestBaselines(unittest.TestCase):
             for mode in ("inconsistent", "similar_foreground", "similar_general"):
                 cfg = kd_cfg(tmp, weights, "MODEL.KD.POINTS", mode)
                 trainer = FixedBatchKDTrainer(cfg)
-                self.assertIsNone(trainer.point_sampler)
+                self.assertEqual(trainer.pairing.name, mode)
                 inner = trainer._trainer
                 self.assertIsInstance(inner, KDSimpleTrainer)
                 losses = inner.compute_losses(synthetic_batch(2))
@@ -322,6 +323,7 @@ def _ddp_worker(cfg, out_file):
     _one_step(cfg, out_file)
 
 
+@pytest.mark.slow
 class TestTwoProcesses(unittest.TestCase):
     def test_two_cpu_processes_equal_one_with_the_total_batch(self):
         with tempfile.TemporaryDirectory() as tmp:

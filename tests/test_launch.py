@@ -5,6 +5,7 @@ import os
 import tempfile
 import unittest
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -37,6 +38,7 @@ def _worker(out_dir):
 
 
 @unittest.skipIf(torch.cuda.is_available(), "the CPU path is only taken without CUDA")
+@pytest.mark.slow
 class TestCPULaunch(unittest.TestCase):
     def test_two_cpu_processes(self):
         with tempfile.TemporaryDirectory() as tmp:

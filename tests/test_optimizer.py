@@ -5,9 +5,7 @@ import unittest
 import torch
 from torch import nn
 
-from detectron2.config import get_cfg
-
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.engine.optimizer import build_optimizer, param_groups
 
 
@@ -23,8 +21,7 @@ class _Toy(nn.Module):
 
 
 def _cfg(**solver):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     cfg.SOLVER.BASE_LR = 1e-3
     cfg.SOLVER.WEIGHT_DECAY = 1e-4
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0

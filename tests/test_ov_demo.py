@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.ov.text_embeddings import save_text_embeddings
 from tests.common import REPO_ROOT, require_module
 
@@ -30,13 +29,12 @@ _TINY_MODEL_YAML = """_BASE_: "{base}"
 MODEL:
   DETR:
     NUM_CLASSES: 5
+    CLASS_HEAD: "region_text"
   OV:
     TEXT_EMBEDDINGS: "{train}"
     EMBED_DIM: 16
     BACKGROUND: "none"
     TEMPERATURE: 0.02
-    DETR_HEAD:
-      ENABLED: True
 INPUT:
   MIN_SIZE_TEST: 96
   MAX_SIZE_TEST: 160
@@ -83,9 +81,7 @@ class TestOVDemo(unittest.TestCase):
         cls.config = os.path.join(cls.tmp, "tiny_ov.yaml")
         with open(cls.config, "w") as f:
             f.write(_TINY_MODEL_YAML.format(base=base, train=train))
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(cls.config)
+        cfg = load_config(cls.config, freeze=False, register_datasets=False)
         model = build_model(cfg)
         cls.weights, cls.image = save_checkpoint_and_image(cls.tmp, model, "tiny_ov")
         cls.demo = _load_demo()

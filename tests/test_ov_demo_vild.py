@@ -11,11 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectron2.config import get_cfg
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.modeling import build_model
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.ov.text_embeddings import load_text_embeddings
 from tests.common import REPO_ROOT, shared_data
 from tests.test_ov_demo import _load_demo, save_checkpoint_and_image
@@ -34,9 +33,7 @@ class TestViLDDemo(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="kd_ov_demo_vild_")
         train = os.path.join(cls.tmp, "train.npy")
         np.save(train, np.random.RandomState(0).randn(48, 512).astype(np.float32))
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(CONFIG)
+        cfg = load_config(CONFIG, freeze=False, register_datasets=False)
         cfg.merge_from_list(
             OPTS + ["MODEL.OV.TEXT_EMBEDDINGS", train, "MODEL.OV.VILD.VOCABULARY_FROM_DATASETS",
                     "False", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]

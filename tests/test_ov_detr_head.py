@@ -1,5 +1,6 @@
 # Copyright (c) kd_detr contributors.
-"""Open-vocabulary class head on DETR / DAB-DETR query features (MODEL.OV.DETR_HEAD)."""
+"""Open-vocabulary class head on DETR / DAB-DETR query features (MODEL.DETR.CLASS_HEAD
+region_text)."""
 import os
 import shutil
 import tempfile
@@ -9,12 +10,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.distill.losses import final_layer_targets, kd_detr_losses
 from kd_detr.ov import QueryTextClassifier, set_detr_vocabulary
 from kd_detr.ov.vocabulary import dataset_vocabulary, select_vocabulary
@@ -60,12 +60,10 @@ class _Base(unittest.TestCase):
         shutil.rmtree(cls.tmp, ignore_errors=True)
 
     def cfg(self, config, *opts):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(config)
+        cfg = load_config(config, freeze=False, register_datasets=False)
         ov_opts = [
             "MODEL.DETR.NUM_CLASSES", "5", "DATASETS.TRAIN", "()", "DATASETS.TEST", "()",
-            "MODEL.OV.DETR_HEAD.ENABLED", "True", "MODEL.OV.EMBED_DIM", str(DIM),
+            "MODEL.DETR.CLASS_HEAD", "region_text", "MODEL.OV.EMBED_DIM", str(DIM),
             "MODEL.OV.TEXT_EMBEDDINGS", self.train_path,
             "MODEL.OV.TEST_TEXT_EMBEDDINGS", self.test_path, "MODEL.OV.TEMPERATURE", "0.02",
         ]  # fmt: skip
@@ -160,7 +158,7 @@ class TestDABDETRHead(_Base):
         # KD consumes the OV logits like linear ones: a linear teacher, the OV student
         model.zero_grad()
         torch.manual_seed(1)
-        teacher_cfg = self.cfg(DAB_CONFIG, "MODEL.OV.DETR_HEAD.ENABLED", "False")
+        teacher_cfg = self.cfg(DAB_CONFIG, "MODEL.DETR.CLASS_HEAD", "linear")
         teacher = build_model(teacher_cfg).eval()
         images = model.preprocess_image(_batch())
         groups = [{"boxes": torch.rand(1, 4, 4, generator=torch.Generator().manual_seed(2))}]
@@ -184,9 +182,9 @@ class TestDABDETRHead(_Base):
             build_model(
                 self.cfg(DAB_CONFIG, "MODEL.OV.BACKGROUND", "none", "MODEL.OV.EMBED_DIM", "8")
             )
-        with self.assertRaisesRegex(TypeError, "MODEL.OV.DETR_HEAD.ENABLED"):
-            set_detr_vocabulary(build_model(self.cfg(DAB_CONFIG, "MODEL.OV.DETR_HEAD.ENABLED",
-                                                     "False")), _emb(3, 0))  # fmt: skip
+        with self.assertRaisesRegex(TypeError, "MODEL.DETR.CLASS_HEAD region_text"):
+            set_detr_vocabulary(build_model(self.cfg(DAB_CONFIG, "MODEL.DETR.CLASS_HEAD",
+                                                     "linear")), _emb(3, 0))  # fmt: skip
 
 
 class TestDETRHead(_Base):

@@ -21,11 +21,10 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, get_detection_dataset_dicts
 from detectron2.structures import Boxes, Instances
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.evaluation import build_evaluator
 from kd_detr.ov import (
     LVISEvaluator,
@@ -242,8 +241,7 @@ class TestLvisEvaluation(_TmpDirCase):
         dets = _detections(lvis, full, 0)
         ref = _lvis_api(path, dets)
 
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
+        cfg = load_config(freeze=False, register_datasets=False)
         cfg.TEST.EVALUATOR = "lvis"
         out_dir = os.path.join(self.tmp, "inference")
         evaluator = build_evaluator(cfg, name, out_dir)
@@ -358,9 +356,8 @@ class TestLvisNorareSplit(_TmpDirCase):
         self.assertEqual(meta.thing_classes, MetadataCatalog.get("lvis_v1_val").thing_classes)
         self.assertTrue(meta.lvis_json_file.endswith(os.path.join("lvis", "lvis_v1_train.json")))
         self.assertEqual(meta.lvis_removed_frequencies, ["r"])
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "ov", "Base-LVIS-OVD.yaml"))
+        config_file = os.path.join(REPO_ROOT, "configs", "ov", "Base-LVIS-OVD.yaml")
+        cfg = load_config(config_file, freeze=False, register_datasets=False)
         self.assertEqual(cfg.DATASETS.TRAIN, ("lvis_v1_train_norare",))
         self.assertEqual(cfg.TEST.EVALUATOR, "lvis")
         self.assertEqual(cfg.TEST.DETECTIONS_PER_IMAGE, 300)

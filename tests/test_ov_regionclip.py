@@ -11,9 +11,7 @@ import torch
 from scipy.special import rel_entr
 from scipy.special import softmax as np_softmax
 
-from detectron2.config import get_cfg
-
-from kd_detr.config import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.ov.regionclip import (
     RegionConceptAlignment,
     pseudo_region_labels,
@@ -153,8 +151,7 @@ class TestLosses(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "concepts.npy")
             np.save(path, self.concepts.numpy())
-            cfg = get_cfg()
-            add_kd_detr_config(cfg)
+            cfg = load_config(freeze=False, register_datasets=False)
             cfg.merge_from_list(
                 ["MODEL.OV.EMBED_DIM", "4", "MODEL.OV.REGIONCLIP.CONCEPT_EMBEDDINGS", path,
                  "MODEL.OV.REGIONCLIP.TEMPERATURE", "0.2",

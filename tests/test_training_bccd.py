@@ -5,11 +5,10 @@ import unittest
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper
 from detectron2.modeling import build_model
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.data import load_voc_instances
 from kd_detr.engine.optimizer import build_optimizer
 from tests.common import REPO_ROOT, shared_data
@@ -18,9 +17,8 @@ BCCD_CLASSES = ["RBC", "WBC", "Platelets"]
 
 
 def _tiny_cfg(config_name):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "tests", config_name))
+    config_file = os.path.join(REPO_ROOT, "configs", "tests", config_name)
+    cfg = load_config(config_file, freeze=False, register_datasets=False)
     cfg.MODEL.DETR.NUM_CLASSES = len(BCCD_CLASSES)
     cfg.MODEL.DETR.NUM_QUERIES = 40  # BCCD images hold up to ~30 cells
     cfg.INPUT.MIN_SIZE_TRAIN = (160,)

@@ -199,19 +199,18 @@ class TestPrecomputeClipRegions(unittest.TestCase):
 class TestRPNProposalSource(unittest.TestCase):
     def test_tool_with_rpn_model(self):
         from detectron2.checkpoint import DetectionCheckpointer
-        from detectron2.config import get_cfg
         from detectron2.modeling import build_model
 
-        from kd_detr import add_kd_detr_config
+        from kd_detr.config import load_config
 
         torch.set_num_threads(1)
         tmp = tempfile.mkdtemp(prefix="kd_vild_rpn_")
         try:
             rpn_cfg = os.path.join(tmp, "rpn.yaml")
-            cfg = get_cfg()
-            add_kd_detr_config(cfg)
-            cfg.merge_from_file(
-                os.path.join(REPO_ROOT, "configs", "demo", "faster_rcnn_efflite0_fpn_demo.yaml")
+            cfg = load_config(
+                os.path.join(REPO_ROOT, "configs", "demo", "faster_rcnn_efflite0_fpn_demo.yaml"),
+                freeze=False,
+                register_datasets=False,
             )
             cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = False
             with open(rpn_cfg, "w") as f:

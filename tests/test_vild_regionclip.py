@@ -11,13 +11,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import build_roi_heads
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.engine import Trainer
 from kd_detr.ov.regionclip import (
     pseudo_region_labels,
@@ -170,9 +169,7 @@ class TestRegionCLIPCoco128Config(Coco128ViLDCase):
     prefix, num_train, num_val = "rclip_test", 4, 2
 
     def test_two_iterations(self):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(CONFIG)
+        cfg = load_config(CONFIG, freeze=False, register_datasets=False)
         self.assertEqual(cfg.MODEL.OV.REGIONCLIP.CONTRASTIVE_WEIGHT, 1.0)
         self.assertEqual(cfg.MODEL.OV.REGIONCLIP.DISTILL_WEIGHT, 1.0)
         cfg.merge_from_list(

@@ -8,12 +8,11 @@ import uuid
 import numpy as np
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from detectron2.utils.events import EventStorage
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.engine import Trainer
 from kd_detr.ov import COCO_OVD_BASE_IDS, load_text_embeddings
 from kd_detr.ov.vild_data import ViLDDatasetMapper
@@ -27,9 +26,7 @@ class TestViLDTraining(Coco128ViLDCase):
     prefix, num_train, num_val = "vild_test", 6, 3
 
     def _cfg(self, **extra):
-        cfg = get_cfg()
-        add_kd_detr_config(cfg)
-        cfg.merge_from_file(CONFIG)
+        cfg = load_config(CONFIG, freeze=False, register_datasets=False)
         cfg.DATASETS.COCO_OVD = []
         cfg.DATASETS.TRAIN = (self.train_name,)
         cfg.DATASETS.TEST = (self.val_name,)

@@ -9,10 +9,9 @@ import uuid
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.ov import COCO_OVD_NOVEL_IDS, register_coco_ovd
 from kd_detr.ov.clip_regions import ClipRegionCache, precompute_clip_regions
 from kd_detr.ov.region_proposals import load_proposals_file
@@ -24,8 +23,7 @@ from .test_vild_clip_regions import coco128_subset, make_tiny_clip, proposals_js
 def tiny_vild_roi_cfg(text_embeddings, image_loss_weight=0.5, **vild):
     """ViLDROIHeads on one 'p3' feature, 8 regions per image, a 16-d box head, 8-d text
     embeddings from ``text_embeddings``; ``vild`` sets MODEL.OV.VILD.* keys."""
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
+    cfg = load_config(freeze=False, register_datasets=False)
     cfg.MODEL.ROI_HEADS.NAME = "ViLDROIHeads"
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p3"]
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = 3

@@ -31,23 +31,16 @@ import sys
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from kd_detr import add_kd_detr_config
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
+from kd_detr.config import load_config
 
 logger = logging.getLogger("kd_detr.convert_checkpoint")
 
 
 def setup_cfg(config_file, opts):
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(opts)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.freeze()
-    return cfg
+    return load_config(config_file, list(opts) + ["MODEL.DEVICE", "cpu"])
 
 
 # Checkpoint source -> converter(input, frozen cfg, coco_classes) -> kd_detr state dict; other

@@ -14,9 +14,9 @@ the images with labelled boxes (Detectron2's Visualizer).
     python tools/ov_demo.py ... --text-embeddings my_classes.npy [--vocabulary "cat,dog"]
 
 The vocabulary replaces the one the model was trained with (checkpoints store none) in the
-DETR-family class head (MODEL.OV.DETR_HEAD) or in the ViLD box predictor's classifier; its text
-embeddings must come from the CLIP text encoder the model was trained with (same size). For
-ViLD models --confidence-threshold is also the ROI heads' test score threshold.
+DETR-family class head (MODEL.DETR.CLASS_HEAD region_text) or in the ViLD box predictor's
+classifier; its text embeddings must come from the CLIP text encoder the model was trained with
+(same size). For ViLD models --confidence-threshold is also the ROI heads' test score threshold.
 Config overrides go last: --opts KEY VALUE ...
 """
 import argparse
@@ -29,13 +29,12 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data.catalog import Metadata
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import Visualizer
 
-from kd_detr import add_kd_detr_config
+from kd_detr.config import load_config
 from kd_detr.ov.text_embeddings import PROMPT_TEMPLATES, encode_class_names, load_text_embeddings
 from kd_detr.ov.vocabulary import embedding_row_names, select_vocabulary
 
@@ -94,7 +93,7 @@ def resolve_vocabulary(args):
 
 def _vocabulary_overrides(cfg, args, num_classes: int) -> List[str]:
     """Config overrides that make the demo vocabulary the class head's only vocabulary."""
-    if cfg.MODEL.OV.DETR_HEAD.ENABLED:
+    if cfg.MODEL.DETR.CLASS_HEAD == "region_text":
         return [
             "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS", "False",
             "MODEL.DETR.NUM_CLASSES", str(num_classes),
@@ -110,7 +109,8 @@ def _vocabulary_overrides(cfg, args, num_classes: int) -> List[str]:
             "MODEL.ROI_HEADS.SCORE_THRESH_TEST", str(args.confidence_threshold),
         ]  # fmt: skip
     raise ValueError(
-        f"{args.config_file} is not an open-vocabulary model: MODEL.OV.DETR_HEAD.ENABLED is False "
+        f"{args.config_file} is not an open-vocabulary model: MODEL.DETR.CLASS_HEAD is not "
+        "'region_text' "
         f"and MODEL.ROI_HEADS.NAME is {cfg.MODEL.ROI_HEADS.NAME!r}, not 'ViLDROIHeads'; use a "
         "config from configs/ov/"
     )
@@ -118,10 +118,7 @@ def _vocabulary_overrides(cfg, args, num_classes: int) -> List[str]:
 
 def setup_cfg(args, embeddings_file: str, num_classes: int):
     """The model's config with the demo vocabulary as its only (train and test) vocabulary."""
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     cfg.merge_from_list(
         _vocabulary_overrides(cfg, args, num_classes)
         + [
@@ -140,10 +137,7 @@ def main(argv=None) -> List[Dict]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     names, emb = resolve_vocabulary(args)
-    probe = get_cfg()
-    add_kd_detr_config(probe)
-    probe.merge_from_file(args.config_file)
-    probe.merge_from_list(args.opts)
+    probe = load_config(args.config_file, args.opts)
     if emb.shape[1] != probe.MODEL.OV.EMBED_DIM:
         raise ValueError(
             f"The vocabulary's text embeddings have size {emb.shape[1]} but the model was built "

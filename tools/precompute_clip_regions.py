@@ -24,11 +24,10 @@ import sys
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from kd_detr import add_kd_detr_config
-from kd_detr.data import load_coco_json_checked, register_demo_datasets, register_from_config
+from kd_detr.config import load_config
+from kd_detr.data import load_coco_json_checked
 from kd_detr.ov.clip_regions import (
     CROP_SCALES,
     ClipRegionCache,
@@ -73,12 +72,7 @@ def _dataset_dicts(args):
         )
     if not args.config_file:
         raise SystemExit("Give the images: --config-file [--dataset NAME], or --coco-json")
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    register_demo_datasets(cfg)
-    register_from_config(cfg)
+    cfg = load_config(args.config_file, args.opts)
     name = args.dataset or (cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else "")
     if name not in DatasetCatalog.list():
         raise SystemExit(f"Dataset {name!r} is not registered by {args.config_file}")
@@ -101,10 +95,7 @@ def _proposal_source(args):
         return from_file, {"file": file_identity(args.proposals)}
     if not args.rpn_weights:
         raise SystemExit("--rpn-config needs --rpn-weights")
-    cfg = get_cfg()
-    add_kd_detr_config(cfg)
-    cfg.merge_from_file(args.rpn_config)
-    cfg.MODEL.DEVICE = args.device
+    cfg = load_config(args.rpn_config, ["MODEL.DEVICE", args.device])
     rpn = RPNProposals(cfg, args.rpn_weights)
     key = {"rpn_config": file_identity(args.rpn_config), "rpn": file_identity(args.rpn_weights)}
     return (lambda record, image: rpn(image)), key

@@ -1,9 +1,15 @@
 # Copyright (c) kd_detr contributors.
 """kd_detr: knowledge distillation for DETR-family detectors on Detectron2.
 
-Importing the package registers its datasets, backbones and meta-architectures.
+Layers, bottom to top (a package imports only packages below it; features register into
+registries owned below, see docs/ARCHITECTURE.md): utils -> compat -> evaluation -> data ->
+config -> modeling -> checkpoint -> distill -> ov -> engine. Importing the package imports every
+layer, which registers everything: config keys, datasets and dataset sources, training loaders,
+evaluators, backbones, class heads, meta-architectures, ROI heads, checkpoint converters, KD
+terms and pairings.
 """
-from . import data, modeling  # noqa: F401  (registers datasets, backbones, models)
-from .config import add_kd_detr_config
+from . import utils, compat, evaluation, data, config, modeling  # noqa: F401  (isort: skip)
+from . import checkpoint, distill, ov, engine  # noqa: F401  (isort: skip)
+from .config import add_kd_detr_config, load_config
 
 __version__ = "0.1.0"

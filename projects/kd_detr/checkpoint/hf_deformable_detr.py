@@ -32,6 +32,7 @@ from .hf_common import (
     split_backbone,
     transformer_config_pairs,
 )
+from .registry import register_hf_converter
 
 __all__ = [
     "convert_hf_deformable_detr",
@@ -198,3 +199,8 @@ def hf_deformable_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
         (not hf_config.get("dilation", False), "dilated (DC5) backbones are not supported"),
     ]
     return config_mismatches(hf_config, cfg, pairs, checks)
+
+
+register_hf_converter("deformable_detr", hf_deformable_detr_config_mismatches)(
+    convert_hf_deformable_detr
+)

@@ -23,6 +23,7 @@ from .hf_common import (
     split_backbone,
     transformer_config_pairs,
 )
+from .registry import register_hf_converter
 
 __all__ = [
     "convert_hf_detr",
@@ -173,3 +174,6 @@ def _load_safetensors(file):
 
 def _load_bin(file):
     return torch.load(file, map_location="cpu", weights_only=True)
+
+
+register_hf_converter("detr", hf_detr_config_mismatches)(convert_hf_detr)

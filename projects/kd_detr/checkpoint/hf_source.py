@@ -5,7 +5,7 @@ from typing import Dict
 import torch
 
 from .hf_detr import read_hf_folder
-from .registry import register_checkpoint_converter
+from .registry import HF_CONVERTERS, register_checkpoint_converter
 
 __all__ = ["convert_hf_folder"]
 
@@ -17,8 +17,6 @@ def convert_hf_folder(source: str, cfg, coco_classes: str = "auto") -> Dict[str,
     Hugging Face checkpoints already use contiguous labels (``id2label``), so ``coco_classes``
     is not used; the class count must equal ``MODEL.DETR.NUM_CLASSES``.
     """
-    from . import HF_CONVERTERS  # filled in by the package __init__
-
     state_dict, config = read_hf_folder(source)
     model_type = config.get("model_type")
     if model_type not in HF_CONVERTERS:

@@ -1,10 +1,13 @@
 # Copyright (c) kd_detr contributors.
-"""Knowledge distillation building blocks: KD loss registry and terms, distillation points,
-foreground weights, baseline pairings, class mapping and the frozen teacher. Importing registers
-the KD losses."""
+"""The distillation layer's building blocks: the distillable-model interface, KD loss terms
+(``KD_LOSS_REGISTRY``) and their context, pairings (``KD_PAIRING_REGISTRY``), distillation
+points, foreground weights, class mapping and the frozen teacher. Importing registers the KD
+config keys, terms and pairings."""
 from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_general_pairs
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .config import add_kd_config
+from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
+from .interface import DistillableDETR, check_distillable, missing_members
 from .losses import (
     KD_MODES,
     KDDETRLoss,
@@ -14,8 +17,18 @@ from .losses import (
     sigmoid_kl,
     softmax_kl,
 )
+from .pairing import (
+    KD_PAIRING_REGISTRY,
+    ConsistentPairing,
+    InconsistentPairing,
+    KDPairing,
+    SimilarForegroundPairing,
+    SimilarGeneralPairing,
+    build_pairing,
+)
 from .points import DISTRIBUTIONS, DistillationPointSampler, specific_points
 from .registry import KD_LOSS_REGISTRY, build_kd_losses
+from .step import build_kd_context, kd_inputs
 from .teacher import (
     Teacher,
     build_teacher,
@@ -23,4 +36,5 @@ from .teacher import (
     load_teacher_weights,
     teacher_class_index,
 )
+from .term import KDTerm, PointKDTerm
 from .weights import foreground_weights, sigmoid_foreground_weights, softmax_foreground_weights

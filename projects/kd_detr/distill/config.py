@@ -2,9 +2,12 @@
 """Config keys of knowledge distillation: ``add_kd_config(cfg)`` adds ``MODEL.KD.*``."""
 from detectron2.config import CfgNode as CN
 
+from ..config import CONFIG_EXTENSION_REGISTRY
+
 __all__ = ["add_kd_config"]
 
 
+@CONFIG_EXTENSION_REGISTRY.register(name="distill")
 def add_kd_config(cfg):
     """Add ``MODEL.KD.*`` to a Detectron2 config (in place). Called by ``add_kd_detr_config``."""
     cfg.MODEL.KD = CN()

@@ -25,13 +25,13 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 from detectron2.config import configurable
 from detectron2.utils import comm
 
 from ..modeling.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 from .registry import KD_LOSS_REGISTRY
+from .term import PointKDTerm
 
 __all__ = [
     "KD_MODES",
@@ -184,8 +184,9 @@ def kd_detr_losses(
 
 
 @KD_LOSS_REGISTRY.register()
-class KDDETRLoss(nn.Module):
-    """KD-DETR's class KL + box L1 + GIoU term (:func:`kd_detr_losses`) as a registry plug-in.
+class KDDETRLoss(PointKDTerm):
+    """KD-DETR's class KL + box L1 + GIoU term (:func:`kd_detr_losses`) as a registry plug-in,
+    on every paired point group.
 
     Follows the ``KD_LOSS_REGISTRY`` call contract; config: ``MODEL.KD.{MODE, TEMPERATURE,
     CLS_WEIGHT, L1_WEIGHT, GIOU_WEIGHT}``.
@@ -231,7 +232,7 @@ class KDDETRLoss(nn.Module):
             "giou_weight": kd.GIOU_WEIGHT,
         }
 
-    def forward(self, student, teacher, weights, group: str) -> Dict[str, torch.Tensor]:
+    def pair_losses(self, student, teacher, weights, group: str) -> Dict[str, torch.Tensor]:
         """See ``KD_LOSS_REGISTRY``'s call contract and :func:`kd_detr_losses`."""
         return kd_detr_losses(
             student,

@@ -13,12 +13,24 @@ methods (DKD, multi-level logit KD, CTKD, feature KD, ...) plug in without touch
 
 Construction:
     ``KD_LOSS_REGISTRY.get(name)(cfg)`` for every name in ``cfg.MODEL.KD.LOSSES`` (see
-    :func:`build_kd_losses`). A term is an ``nn.Module`` (it may own parameters, e.g. a learnable
-    temperature, which the trainer then optimises) with a ``@configurable`` ``__init__``: it reads
-    its settings from ``cfg.MODEL.KD.*`` (plus model keys it documents) or from keyword arguments.
+    :func:`build_kd_losses`). A term is a :class:`~kd_detr.distill.term.KDTerm` (an
+    ``nn.Module``; it may own parameters, e.g. a learnable temperature or feature adapters, which
+    the trainer optimises and checkpoints as "kd_losses", never in the teacher) with a
+    ``@configurable`` ``__init__``: it reads its settings from ``cfg.MODEL.KD.*`` (plus model
+    keys it documents) or from keyword arguments.
 
-Call, once per distillation point group (e.g. "general", "specific"):
-    ``term(student, teacher, weights, group) -> Dict[str, Tensor]``
+Declaration:
+    ``inputs`` (class attribute): the subset of ``KD_INPUTS`` the term reads from the context:
+    "points" (paired point groups), "targets" (ground truth), "matching" (Hungarian matching of
+    each model to the ground truth), "backbone_features", "encoder_memory". The trainer computes
+    or keeps only what some configured term declared, so KD-DETR's step costs what it costs
+    alone; it checks at start-up that both models can provide it.
+
+Call, once per batch:
+    ``term(context) -> Dict[str, Tensor]`` with ``context`` a
+    :class:`~kd_detr.distill.context.KDContext`. Terms on paired points derive from
+    :class:`~kd_detr.distill.term.PointKDTerm` and implement
+    ``pair_losses(student, teacher, weights, group)`` per point group:
 
     student (dict): the student's outputs on the group's M points, every decoder layer, first to
         last: "pred_logits" (L, B, M, K), "pred_boxes" (L, B, M, 4) normalised cxcywh; optional
@@ -35,14 +47,16 @@ Call, once per distillation point group (e.g. "general", "specific"):
 Returns:
     dict of scalar tensors, only losses: ``loss_kd_<term>_<group>`` for the student's last layer
     and ``loss_kd_<term>_<group>_<l>`` for layer l = 0 .. L-2 (the suffix rule of the detection
-    aux losses). Values are already multiplied by the term's own weights (e.g.
-    ``MODEL.KD.CLS_WEIGHT``): the trainer only sums them (optionally times a global KD schedule
-    factor) and needs no weight dict. Metrics go to the EventStorage, never into the dict.
+    aux losses); terms without groups use ``loss_kd_<term>[_<what>]``. Values are already
+    multiplied by the term's own weights (e.g. ``MODEL.KD.CLS_WEIGHT``): the trainer only sums
+    them (optionally times a global KD schedule factor) and needs no weight dict. Keys must not
+    repeat those of other terms or of the detection losses. Metrics go to the EventStorage,
+    never into the dict.
 
 Rules:
-    Gradients flow to the student tensors only. A term may use collectives (e.g. all-reducing a
-    normaliser), so it must be called on every rank the same number of times in the same order,
-    also when M = 0.
+    Gradients flow to the student tensors (and the term's own parameters) only. A term may use
+    collectives (e.g. all-reducing a normaliser), so it must be called on every rank the same
+    number of times in the same order, also when M = 0.
 """
 
 

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
+from ..config import load_config
 from ..modeling.num_classes import num_classes_key
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .losses import final_layer_targets
@@ -117,11 +117,7 @@ class Teacher:
         ``outputs`` (the teacher's ``forward_raw`` output) supplies them when its "layers" hold
         "query_content" (Deformable DETR, whose two-stage queries depend on the image).
         """
-        content = ((outputs or {}).get("layers") or {}).get("query_content")
-        if content is not None:
-            return content
-        queries = getattr(self.model, "detection_queries", None)
-        return None if queries is None else queries(batch_size)[0]
+        return self.model.detection_query_content(batch_size, outputs or {})
 
     def map_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., K_t) teacher logits -> (..., K_s) logits in the student's class space."""
@@ -269,8 +265,8 @@ def _channel_flip(student_format: str, teacher_format: str, config_file: str) ->
 def build_teacher(cfg) -> Teacher:
     """Build, load and freeze the teacher of a KD config.
 
-    The teacher config is ``get_cfg()`` + kd_detr's keys + ``MODEL.KD.TEACHER.CONFIG_FILE`` +
-    ``MODEL.KD.TEACHER.OPTS``, built on the student's ``MODEL.DEVICE`` and loaded from
+    The teacher config is ``load_config(MODEL.KD.TEACHER.CONFIG_FILE, MODEL.KD.TEACHER.OPTS)``
+    (without registering its datasets), built on the student's ``MODEL.DEVICE`` and loaded from
     ``MODEL.KD.TEACHER.WEIGHTS``.
 
     Raises:
@@ -278,8 +274,6 @@ def build_teacher(cfg) -> Teacher:
         ValueError: unusable weights, classes that do not match (see
             :func:`teacher_class_index`), classifier types or input formats that differ.
     """
-    from ..config import add_kd_detr_config  # kd_detr.config imports this package
-
     kd = cfg.MODEL.KD
     config_file = kd.TEACHER.CONFIG_FILE
     if not config_file:
@@ -288,13 +282,12 @@ def build_teacher(cfg) -> Teacher:
         raise FileNotFoundError(
             f"Teacher config {config_file!r} (MODEL.KD.TEACHER.CONFIG_FILE) not found."
         )
-    teacher_cfg = get_cfg()
-    add_kd_detr_config(teacher_cfg)
-    teacher_cfg.merge_from_file(config_file)
-    teacher_cfg.merge_from_list(list(kd.TEACHER.OPTS))
-    teacher_cfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    teacher_cfg.MODEL.KD.ENABLED = False
-    teacher_cfg.freeze()
+    overrides = ["MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.KD.ENABLED", "False"]
+    # The student's config registered the datasets; registering the teacher's would re-register
+    # the built-in demo names with the teacher's DATASETS.KD_DEMO settings.
+    teacher_cfg = load_config(
+        config_file, list(kd.TEACHER.OPTS) + overrides, register_datasets=False
+    )
     class_index = teacher_class_index(cfg, teacher_cfg, config_file)
     flip = _channel_flip(cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT, config_file)
     model = build_model(teacher_cfg)

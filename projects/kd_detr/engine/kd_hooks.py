@@ -9,8 +9,7 @@ from typing import Dict, Optional
 
 from detectron2.engine import HookBase
 
-from ..distill.points import DistillationPointSampler
-from ..distill.teacher import Teacher
+from ..distill import KDPairing, Teacher
 
 __all__ = ["DistillationPointsHook", "KDWeightSchedule", "TeacherSanityHook"]
 
@@ -109,18 +108,18 @@ class KDWeightSchedule(HookBase):
 
 
 class DistillationPointsHook(HookBase):
-    """Carries the general point sampler's state in checkpoints.
+    """Carries the pairing's state in checkpoints (KD-DETR: the general point sampler's).
 
     The points of iteration i are a pure function of the sampler's settings and i, so restoring
     the settings (and the trainer's iteration) makes a resumed run draw the points the
-    uninterrupted run would have drawn.
+    uninterrupted run would have drawn. A pairing without state checkpoints nothing.
     """
 
-    def __init__(self, sampler: DistillationPointSampler):
-        self.sampler = sampler
+    def __init__(self, pairing: KDPairing):
+        self.pairing = pairing
 
     def state_dict(self) -> Dict:
-        return {"sampler": self.sampler.state_dict()}
+        return self.pairing.state_dict()
 
     def load_state_dict(self, state: Dict):
-        self.sampler.load_state_dict(state["sampler"])
+        self.pairing.load_state_dict(state)

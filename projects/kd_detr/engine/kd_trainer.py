@@ -1,19 +1,21 @@
 # Copyright (c) kd_detr contributors.
-"""KD-DETR training on Detectron2's engine.
+"""Knowledge distillation on Detectron2's engine.
 
 :class:`KDTrainer` is kd_detr's :class:`~kd_detr.engine.Trainer` whose inner trainer runs the KD
-step (:class:`KDStepMixin`, used by :class:`KDSimpleTrainer` and :class:`KDAMPTrainer`): take the
-batch, run the frozen teacher, sample the distillation points, call the (possibly DDP-wrapped)
-student once with the points as extra query groups, add the KD losses to the detection losses
-and step. Hooks (:mod:`.kd_hooks`) check the teacher, schedule the KD weight and checkpoint the
-point sampler. The teacher lives outside the student's module tree, so DDP wraps the student
-alone, and the optimizer and the checkpoints' "model" hold only the student.
+step (:class:`KDStepMixin`, used by :class:`KDSimpleTrainer` and :class:`KDAMPTrainer`). The step
+only orchestrates the distillation layer's pieces: teacher forward (on the pairing's teacher
+groups) -> the (possibly DDP-wrapped) student's training forward (on the pairing's student
+groups) -> the :class:`~kd_detr.distill.KDContext` with what the terms declared -> pairing ->
+every KD term -> sum with the detection losses. Hooks (:mod:`.kd_hooks`) check the teacher,
+schedule the KD weight and checkpoint the pairing's state. The teacher lives outside the
+student's module tree, so DDP wraps the student alone, and the optimizer and the checkpoints'
+"model" hold only the student.
 """
 import contextlib
 import functools
 import logging
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, FrozenSet, List
 
 import torch
 import torch.distributed as dist
@@ -25,31 +27,22 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
-from ..distill.baselines import (
-    inconsistent_pairs,
-    similar_foreground_pairs,
-    similar_general_pairs,
+from ..distill import (
+    KDPairing,
+    Teacher,
+    build_kd_context,
+    build_kd_losses,
+    build_pairing,
+    build_teacher,
+    init_student_from_teacher,
+    kd_inputs,
 )
-from ..distill.points import DistillationPointSampler, specific_points
-from ..distill.registry import build_kd_losses
-from ..distill.teacher import Teacher, build_teacher, init_student_from_teacher
-from ..distill.weights import foreground_weights
 from .kd_hooks import DistillationPointsHook, KDWeightSchedule, TeacherSanityHook
 from .trainer import Trainer
 
-__all__ = ["POINT_MODES", "KDAMPTrainer", "KDSimpleTrainer", "KDStepMixin", "KDTrainer"]
+__all__ = ["KDAMPTrainer", "KDSimpleTrainer", "KDStepMixin", "KDTrainer", "unwrap"]
 
 logger = logging.getLogger(__name__)
-
-POINT_MODES = ("consistent", "inconsistent", "similar_foreground", "similar_general")
-_BASELINES = {
-    "inconsistent": inconsistent_pairs,
-    "similar_foreground": similar_foreground_pairs,
-    "similar_general": similar_general_pairs,
-}
-
-# One distillation pair: (group name, student outputs, teacher targets, point weights or None).
-Pair = Tuple[str, Dict[str, torch.Tensor], Dict[str, torch.Tensor], Optional[torch.Tensor]]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -66,13 +59,12 @@ class KDStepMixin:
             ``(loss_dict, raw_outputs)`` in training.
         teacher (Teacher): the frozen teacher.
         kd_losses (nn.ModuleList): KD terms (``KD_LOSS_REGISTRY`` call contract).
-        sampler (DistillationPointSampler or None): general points; None: no general group.
-        points (str): one of :data:`POINT_MODES` (``MODEL.KD.POINTS``).
-        specific (bool): distil at the teacher's own queries (consistent mode).
-        point_weights (bool): foreground-rebalance the points (``MODEL.KD.FOREGROUND_WEIGHTS``).
+        pairing (KDPairing): how the point terms pair the models (``MODEL.KD.POINTS``).
         kwargs: further arguments of the engine trainer (e.g. AMPTrainer's ``grad_scaler``).
 
-    ``kd_weight`` (float, set by :class:`KDWeightSchedule`) multiplies every KD loss.
+    ``kd_weight`` (float, set by :class:`KDWeightSchedule`) multiplies every KD loss. Only what
+    some term declared in its ``inputs`` is computed (:func:`~kd_detr.distill.kd_inputs`); the
+    models keep their backbone features only when a term reads them.
     """
 
     def __init__(
@@ -83,33 +75,17 @@ class KDStepMixin:
         *,
         teacher: Teacher,
         kd_losses: nn.ModuleList,
-        sampler: Optional[DistillationPointSampler] = None,
-        points: str = "consistent",
-        specific: bool = True,
-        point_weights: bool = True,
+        pairing: KDPairing,
         **kwargs,
     ):
-        if points not in POINT_MODES:
-            raise ValueError(f"MODEL.KD.POINTS must be one of {POINT_MODES}, got {points!r}")
-        if points == "consistent":
-            if sampler is None and not specific:
-                raise ValueError("KD-DETR needs general and/or specific points (MODEL.KD.*)")
-            student = unwrap(model)
-            if not (
-                hasattr(student, "detection_queries") or getattr(student, "box_query_groups", 0)
-            ):
-                raise ValueError(
-                    f"{type(student).__name__} has no box queries to decode distillation "
-                    "points: use a DAB-DETR or Deformable DETR student or a baseline "
-                    "MODEL.KD.POINTS mode."
-                )
         super().__init__(model, data_loader, optimizer, **kwargs)
         self.teacher = teacher
         self.kd_losses = kd_losses
-        self.sampler = sampler if points == "consistent" else None
-        self.points = points
-        self.specific = specific and points == "consistent"
-        self.point_weights = point_weights
+        self.pairing = pairing
+        self.kd_inputs: FrozenSet[str] = kd_inputs(kd_losses, pairing)
+        keep = "backbone_features" in self.kd_inputs
+        self.student.keep_backbone_features = keep
+        self.teacher.model.keep_backbone_features = keep
         self.kd_weight = 1.0
 
     @property
@@ -163,66 +139,27 @@ class KDStepMixin:
 
         Runs under the caller's autocast state; the teacher inherits it.
         """
-        if self.points == "consistent":
-            loss_dict, pairs = self._consistent_pairs(data)
-        else:
-            loss_dict, pairs = self._baseline_pairs(data)
+        points = "points" in self.kd_inputs
+        t_groups = self.pairing.teacher_groups(self.iter) if points else []
+        t_out = self.teacher(data, t_groups)
+        s_groups = self.pairing.student_groups(t_out, t_groups, len(data)) if points else []
+        loss_dict, s_out = self.model(data, extra_query_groups=s_groups)
+        context = build_kd_context(
+            self.iter, data, s_out, t_out, self.kd_inputs, student=self.student,
+            teacher=self.teacher,
+        )  # fmt: skip
+        if points:
+            context.pairs = self.pairing.pairs(context)
         kd = {}
         for term in self.kd_losses:
-            for name, student, teacher, weights in pairs:
-                terms = term(student, teacher, weights, name)
-                clash = set(terms) & (set(kd) | set(loss_dict))
-                if clash:
-                    raise KeyError(f"KD term {type(term).__name__} repeats loss keys {clash}")
-                kd.update(terms)
+            terms = term(context)
+            clash = set(terms) & (set(kd) | set(loss_dict))
+            if clash:
+                raise KeyError(f"KD term {type(term).__name__} repeats loss keys {clash}")
+            kd.update(terms)
         if self.kd_weight != 1.0:
             kd = {k: v * self.kd_weight for k, v in kd.items()}
         return {**loss_dict, **kd}
-
-    def _consistent_pairs(self, data) -> Tuple[Dict, List[Pair]]:
-        """KD-DETR: both models decode the same specific and general points."""
-        general = None
-        if self.sampler is not None:  # one (1, Mg, 4) set for every image, rank and model
-            general = self.sampler.group(self.iter, device=self.teacher.device)
-        t_out = self.teacher(data, [] if general is None else [general])
-        groups, names, targets = [], [], []
-        if self.specific:
-            content = self.teacher.query_content(len(data), t_out)
-            d_s = self.student.transformer.d_model
-            groups.append(specific_points(t_out, d_s, content))
-            names.append("specific")
-            targets.append(t_out["layers"])
-        if general is not None:
-            groups.append(general)
-            names.append("general")
-            targets.append(t_out["groups"][0])
-        loss_dict, s_out = self.model(data, extra_query_groups=groups)
-        pairs = []
-        for name, s_group, t_group in zip(names, s_out["groups"], targets):
-            target, weights = self.teacher.targets(t_group, self.point_weights)
-            pairs.append((name, s_group, target, weights))
-        return loss_dict, pairs
-
-    def _baseline_pairs(self, data) -> Tuple[Dict, List[Pair]]:
-        """The paper's baselines: pair the two models' own detection predictions."""
-        t_out = self.teacher(data, [])
-        loss_dict, s_out = self.model(data, extra_query_groups=[])
-        keys = ("pred_logits", "pred_boxes")
-        student = {k: s_out["layers"][k] for k in keys}
-        teacher = {k: t_out["layers"][k][-1] for k in keys}
-        teacher["pred_logits"] = self.teacher.map_logits(teacher["pred_logits"])
-        pair_fn = _BASELINES[self.points]
-        if self.points == "inconsistent":
-            s_pair, t_pair = pair_fn(student, teacher)
-        else:
-            sizes = [tuple(x["image"].shape[-2:]) for x in data]
-            gt = self.student.prepare_targets(data, sizes)
-            matchers = (self.student.criterion.matcher, self.teacher.model.criterion.matcher)
-            s_pair, t_pair = pair_fn(student, teacher, gt, *matchers)
-        weights = None
-        if self.point_weights:  # paired logits are already in the student's class space
-            weights = foreground_weights(t_pair["pred_logits"], self.teacher.softmax)
-        return loss_dict, [(self.points, s_pair, t_pair, weights)]
 
 
 class KDSimpleTrainer(KDStepMixin, SimpleTrainer):
@@ -262,10 +199,11 @@ class KDTrainer(Trainer):
 
     Besides Trainer's parts it builds the teacher (:func:`build_teacher`), the KD terms
     (``MODEL.KD.LOSSES``; learnable ones get an optimizer group with lr SOLVER.BASE_LR and no
-    weight decay, and are checkpointed as "kd_losses") and the general point sampler. The inner
-    trainer is :class:`KDSimpleTrainer` (:class:`KDAMPTrainer` with SOLVER.AMP.ENABLED), and the
-    KD hooks are inserted after the LR scheduler. ``build_model`` builds the plain student, so
-    evaluation and ``--eval-only`` use the student alone.
+    weight decay, and are checkpointed as "kd_losses") and the pairing (``MODEL.KD.POINTS``,
+    :func:`~kd_detr.distill.build_pairing`, which checks that both models can be distilled).
+    The inner trainer is :class:`KDSimpleTrainer` (:class:`KDAMPTrainer` with
+    SOLVER.AMP.ENABLED), and the KD hooks are inserted after the LR scheduler. ``build_model``
+    builds the plain student, so evaluation and ``--eval-only`` use the student alone.
     """
 
     def __init__(self, cfg):
@@ -274,8 +212,6 @@ class KDTrainer(Trainer):
         kd = cfg.MODEL.KD
         self.teacher = build_teacher(cfg)
         self.kd_losses = build_kd_losses(cfg).to(self.teacher.device)
-        use_general = kd.POINTS == "consistent" and kd.GENERAL.ENABLED
-        self.point_sampler = DistillationPointSampler(cfg) if use_general else None
         # DefaultTrainer rescales SOLVER.* for the world size the same way before building.
         scaled = d2_defaults.DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         with _inner_trainer_factory(functools.partial(self._build_inner_trainer, scaled)):
@@ -290,17 +226,14 @@ class KDTrainer(Trainer):
             optimizer.add_param_group(
                 {"params": params, "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0}
             )
-        kd = cfg.MODEL.KD
+        self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
         return (KDAMPTrainer if amp else KDSimpleTrainer)(
             model,
             data_loader,
             optimizer,
             teacher=self.teacher,
             kd_losses=self.kd_losses,
-            sampler=self.point_sampler,
-            points=kd.POINTS,
-            specific=kd.SPECIFIC.ENABLED,
-            point_weights=kd.FOREGROUND_WEIGHTS,
+            pairing=self.pairing,
             **kwargs,
         )
 
@@ -314,9 +247,11 @@ class KDTrainer(Trainer):
 
     def build_hooks(self):
         ret = super().build_hooks()
-        kd_hooks = [TeacherSanityHook(self.teacher), KDWeightSchedule.from_config(self.cfg)]
-        if self.point_sampler is not None:
-            kd_hooks.append(DistillationPointsHook(self.point_sampler))
+        kd_hooks = [
+            TeacherSanityHook(self.teacher),
+            KDWeightSchedule.from_config(self.cfg),
+            DistillationPointsHook(self.pairing),
+        ]
         # After the LR scheduler, before checkpointing / evaluation / writers.
         after = 1 + max(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         return ret[:after] + kd_hooks + ret[after:]

@@ -4,12 +4,11 @@ import json
 import logging
 import os
 
-from detectron2.data import DatasetMapper, build_detection_train_loader
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
 from ..compat.ddp import patch_detectron2_create_ddp_model
-from ..data.detr_augmentation import build_detr_train_augmentation
+from ..data import build_train_loader
 from ..evaluation import build_evaluator
 from .optimizer import build_optimizer
 
@@ -20,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with kd_detr's optimizer (AdamW/SGD, lr multipliers, full-model clipping),
-    DETR augmentation (INPUT.DETR_CROP) and evaluator (``cfg.TEST.EVALUATOR``, faster-coco-eval).
+    training loaders (``TRAIN_LOADER_REGISTRY``: DETR crop, ...) and evaluators
+    (``cfg.TEST.EVALUATOR`` in ``EVALUATOR_REGISTRY``).
 
     Multi-process runs on CPU wrap the model in DDP without ``device_ids`` (see
     :mod:`kd_detr.compat.ddp`), and checkpoints hold the optimizer state on every Detectron2
@@ -50,17 +50,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        if cfg.MODEL.get("OV"):
-            from ..ov.vild_config import vild_uses_clip_regions
-            from ..ov.vild_data import build_vild_train_loader
-
-            if vild_uses_clip_regions(cfg):  # ViLD-image / RegionCLIP regions
-                return build_vild_train_loader(cfg)
-        if not cfg.INPUT.DETR_CROP.ENABLED:
-            return super().build_train_loader(cfg)
-        augmentations = build_detr_train_augmentation(cfg)
-        mapper = DatasetMapper(cfg, is_train=True, augmentations=augmentations)
-        return build_detection_train_loader(cfg, mapper=mapper)
+        """The config's training loader (``kd_detr.data.build_train_loader``: DETR crop, ViLD
+        regions, ... from ``TRAIN_LOADER_REGISTRY``, else Detectron2's)."""
+        return build_train_loader(cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -26,6 +26,8 @@ from detectron2.evaluation import DatasetEvaluator
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from .build import EVALUATOR_REGISTRY
+
 __all__ = [
     "BOX_STAT_NAMES",
     "COCOBoxEvalResult",
@@ -222,6 +224,7 @@ def instances_to_coco_boxes(instances, image_id) -> List[dict]:
     ]
 
 
+@EVALUATOR_REGISTRY.register(name="coco")
 class FastCOCOEvaluator(DatasetEvaluator):
     """COCO box AP of a registered dataset, a bbox-only stand-in for ``COCOEvaluator``.
 

@@ -1,5 +1,8 @@
 # Copyright (c) kd_detr contributors.
-"""Open-vocabulary detection: class text embeddings, a region-text classifier, COCO-OVD."""
+"""Open-vocabulary detection: class text embeddings, a region-text classifier, ViLD ROI heads,
+COCO-OVD and LVIS. A plug-in layer: importing it registers its config keys, the ``region_text``
+class head, the ``COCO_OVD`` dataset source, the ``VILD_REGIONS`` training loader, the
+``coco_ovd`` / ``lvis`` evaluators and the ViLD meta-architecture / ROI heads."""
 from .coco_ovd import (
     COCO_OVD_BASE_IDS,
     COCO_OVD_IDS,
@@ -9,7 +12,7 @@ from .coco_ovd import (
     register_coco_ovd,
 )
 from .config import add_ov_config
-from .detr_ov_head import QueryTextClassifier, build_detr_ov_class_head, set_detr_vocabulary
+from .detr_ov_head import QueryTextClassifier, build_region_text_class_head, set_detr_vocabulary
 from .lvis_evaluation import LVISBoxEvalResult, LVISEvaluator, evaluate_lvis_boxes
 from .lvis_split import (
     LVIS_FREQUENCIES,
@@ -19,7 +22,7 @@ from .lvis_split import (
     register_all_lvis_ovd,
     register_lvis_ovd,
 )
-from .ovd_data import expand_data_path, register_coco_ovd_from_config, shared_data_root
+from .ovd_data import register_coco_ovd_from_config
 from .region_text_classifier import RegionTextClassifier, federated_classes, load_class_freq_weight
 from .text_embeddings import (
     PROMPT_TEMPLATES,
@@ -31,6 +34,7 @@ from .text_embeddings import (
     read_names_file,
     read_sidecar,
 )
+from .vild_data import ViLDDatasetMapper, build_vild_train_loader
 from .vild_output_layers import ViLDOutputLayers, vild_ensemble
 from .vild_rcnn import ViLDRCNN
 from .vild_roi_heads import ViLDROIHeads, vild_image_loss

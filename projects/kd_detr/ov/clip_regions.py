@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from detectron2.data.detection_utils import read_image
+
+from .region_proposals import top_proposals
+
 __all__ = [
     "CROP_SCALES",
     "ClipRegionCache",
@@ -231,10 +235,6 @@ def precompute_clip_regions(
     Returns:
         The number of images computed (not skipped).
     """
-    from detectron2.data.detection_utils import read_image
-
-    from .region_proposals import top_proposals
-
     preprocess = _preprocess_cfg(model)
     todo = [d for d in dataset_dicts if not cache.has(d["image_id"])]
     for record in tqdm(todo, desc="CLIP regions", unit="image", disable=not show_progress):
@@ -250,7 +250,7 @@ def precompute_clip_regions(
 
 
 def _preprocess_cfg(model) -> dict:
-    import open_clip
+    import open_clip  # optional third-party package: imported only when regions are encoded
 
     cfg = open_clip.get_model_preprocess_cfg(model)
     return {"size": cfg["size"], "mean": cfg["mean"], "std": cfg["std"]}

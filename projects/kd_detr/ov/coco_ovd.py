@@ -16,6 +16,7 @@ from typing import Dict, List
 from tabulate import tabulate
 
 from ..data.datasets.coco_json import register_coco_json
+from ..evaluation import EVALUATOR_REGISTRY
 from ..evaluation.coco_evaluation import (
     COCOBoxEvalResult,
     FastCOCOEvaluator,
@@ -139,6 +140,7 @@ def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+@EVALUATOR_REGISTRY.register(name="coco_ovd")
 class COCOOVDEvaluator(FastCOCOEvaluator):
     """FastCOCOEvaluator adding COCO-OVD novel / base / all AP50 (percent).
 

@@ -2,12 +2,14 @@
 """Config keys of the open-vocabulary components (``MODEL.OV.*``)."""
 from detectron2.config import CfgNode as CN
 
+from ..config import CONFIG_EXTENSION_REGISTRY
 from .detr_config import add_ov_detr_config
 from .vild_config import add_vild_config
 
 __all__ = ["add_ov_config"]
 
 
+@CONFIG_EXTENSION_REGISTRY.register(name="ov")
 def add_ov_config(cfg):
     """Add ``MODEL.OV`` (region-text classifier, vocabularies, losses) to a config, in place."""
     cfg.MODEL.OV = CN()

@@ -7,14 +7,15 @@ __all__ = ["add_ov_detr_config"]
 
 
 def add_ov_detr_config(cfg):
-    """Add ``MODEL.OV.DETR_HEAD``, ``MODEL.OV.REGIONCLIP`` and ``DATASETS.COCO_OVD`` in place."""
+    """Add ``MODEL.OV.DETR_HEAD`` (options of the ``region_text`` class head),
+    ``MODEL.OV.REGIONCLIP`` and ``DATASETS.COCO_OVD`` in place."""
     ov = cfg.MODEL.OV
-    # DETR-family class head (DETR, DAB-DETR): replace the linear ``class_embed`` applied to every
-    # decoder layer's query features by the region-text classifier of MODEL.OV.* (projection ->
-    # L2 norm -> cosine with the text embeddings / MODEL.OV.TEMPERATURE). Focal-loss models
-    # (DAB-DETR) need MODEL.OV.BACKGROUND "none"; softmax DETR "zero" or "learned".
+    # DETR-family class head "region_text" (MODEL.DETR.CLASS_HEAD): the region-text classifier
+    # of MODEL.OV.* (projection -> L2 norm -> cosine with the text embeddings /
+    # MODEL.OV.TEMPERATURE) instead of the linear head on every decoder layer's query features.
+    # Focal-loss models (DAB-DETR, Deformable, DINO) need MODEL.OV.BACKGROUND "none"; softmax
+    # DETR "zero" or "learned".
     ov.DETR_HEAD = CN()
-    ov.DETR_HEAD.ENABLED = False
     # Pick and order the rows of MODEL.OV.TEXT_EMBEDDINGS by the class names of DATASETS.TRAIN[0]
     # (training vocabulary) and of DATASETS.TEST[0] (eval vocabulary; rows of
     # MODEL.OV.TEST_TEXT_EMBEDDINGS when set, else of TEXT_EMBEDDINGS). Row names come from the

@@ -1,5 +1,5 @@
 # Copyright (c) kd_detr contributors.
-"""Open-vocabulary class head of DETR-family detectors (``MODEL.OV.DETR_HEAD.ENABLED``).
+"""Open-vocabulary class head of DETR-family detectors (``MODEL.DETR.CLASS_HEAD region_text``).
 
 The linear ``class_embed`` that DETR and DAB-DETR apply to every decoder layer's query features
 becomes a :class:`RegionTextClassifier` over a swappable vocabulary of text embeddings, so the
@@ -15,12 +15,13 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .ovd_data import expand_data_path
+from ..modeling.class_head import CLASS_HEAD_REGISTRY
+from ..utils import expand_data_path
 from .region_text_classifier import RegionTextClassifier
 from .text_embeddings import load_text_embeddings
-from .vocabulary import dataset_vocabulary
+from .vocabulary import dataset_vocabularies
 
-__all__ = ["QueryTextClassifier", "build_detr_ov_class_head", "set_detr_vocabulary"]
+__all__ = ["QueryTextClassifier", "build_region_text_class_head", "set_detr_vocabulary"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,33 +48,31 @@ def _vocabularies(cfg) -> Tuple[torch.Tensor, Optional[torch.Tensor], bool]:
     test_path = expand_data_path(ov.TEST_TEXT_EMBEDDINGS)
     if not train_path:
         raise ValueError(
-            "MODEL.OV.DETR_HEAD.ENABLED needs class text embeddings: set MODEL.OV.TEXT_EMBEDDINGS "
+            "MODEL.DETR.CLASS_HEAD region_text needs class text embeddings: set "
+            "MODEL.OV.TEXT_EMBEDDINGS "
             "(a .npy from tools/build_text_embeddings.py or Detic's *_clip_a+cname.npy)"
         )
     if not ov.DETR_HEAD.VOCABULARY_FROM_DATASETS:
         train = load_text_embeddings(train_path, expected_dim=dim)
         test = load_text_embeddings(test_path, expected_dim=dim) if test_path else None
         return train, test, True
-    train_set = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
-    test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
-    if train_set is None and test_set is None:
-        raise ValueError(
-            "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS needs DATASETS.TRAIN or DATASETS.TEST"
-        )
-    test = None
-    if test_set is not None:
-        test = dataset_vocabulary(test_path or train_path, test_set, expected_dim=dim)
-    if train_set is None:
+    train, test = dataset_vocabularies(cfg, "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS", False)
+    if train is None:
         return test, None, False
-    return dataset_vocabulary(train_path, train_set, expected_dim=dim), test, True
+    return train, test, True
 
 
-def build_detr_ov_class_head(cfg, input_dim: int, use_focal: bool) -> Optional[nn.Module]:
-    """The open-vocabulary class head of a DETR-family model, or None when it is disabled.
+@CLASS_HEAD_REGISTRY.register(name="region_text")
+def build_region_text_class_head(
+    cfg, input_dim: int, num_classes: int, use_focal: bool
+) -> nn.Module:
+    """The open-vocabulary class head of a DETR-family model (``MODEL.DETR.CLASS_HEAD
+    region_text``): a :class:`QueryTextClassifier` over ``MODEL.OV.*``'s vocabularies.
 
     Args:
         cfg: config with ``MODEL.OV`` (``add_kd_detr_config``).
         input_dim: query feature size d.
+        num_classes: C, ``MODEL.DETR.NUM_CLASSES``: the training vocabulary's size.
         use_focal: the model's criterion uses the sigmoid focal loss (no background logit).
 
     Focal-loss heads get a learnable logit bias initialised to ``MODEL.OV.BIAS_INIT``, or to
@@ -83,9 +82,7 @@ def build_detr_ov_class_head(cfg, input_dim: int, use_focal: bool) -> Optional[n
         ValueError: for a background mode the loss cannot use, a training vocabulary whose size
             differs from ``MODEL.DETR.NUM_CLASSES``, or unusable text embeddings.
     """
-    ov = cfg.MODEL.get("OV", None)
-    if ov is None or not ov.DETR_HEAD.ENABLED:
-        return None
+    ov = cfg.MODEL.OV
     if use_focal and ov.BACKGROUND != "none":
         raise ValueError(
             f"MODEL.OV.BACKGROUND is {ov.BACKGROUND!r} but this model uses the sigmoid focal loss, "
@@ -102,7 +99,6 @@ def build_detr_ov_class_head(cfg, input_dim: int, use_focal: bool) -> Optional[n
             "(MODEL.DETR.*): set MODEL.OV.USE_FED_LOSS False"
         )
     train, test, from_train_set = _vocabularies(cfg)
-    num_classes = cfg.MODEL.DETR.NUM_CLASSES
     if from_train_set and len(train) != num_classes:
         raise ValueError(
             f"The training vocabulary has {len(train)} classes but MODEL.DETR.NUM_CLASSES is "
@@ -131,7 +127,7 @@ def set_detr_vocabulary(model: nn.Module, embeddings: torch.Tensor, split: Optio
     """Swap the vocabulary of a DETR-family model with the open-vocabulary head.
 
     Args:
-        model: a DETR / DAB-DETR built with ``MODEL.OV.DETR_HEAD.ENABLED``.
+        model: a DETR-family model built with ``MODEL.DETR.CLASS_HEAD region_text``.
         embeddings: (C, D) text embeddings, D = the head's text dimension.
         split: None (both modes), "train" or "test" (see
             :meth:`RegionTextClassifier.set_vocabulary`).
@@ -147,7 +143,7 @@ def set_detr_vocabulary(model: nn.Module, embeddings: torch.Tensor, split: Optio
     if not isinstance(head, RegionTextClassifier):
         raise TypeError(
             f"{type(model).__name__} has no open-vocabulary class head: build it with "
-            "MODEL.OV.DETR_HEAD.ENABLED True"
+            "MODEL.DETR.CLASS_HEAD region_text"
         )
     head.set_vocabulary(embeddings, split)
     if split == "test":

@@ -25,6 +25,7 @@ import detectron2.utils.comm as comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
+from ..evaluation import EVALUATOR_REGISTRY
 from ..evaluation.coco_evaluation import (
     FastCOCOEvaluator,
     _normalize_detections,
@@ -201,6 +202,7 @@ def evaluate_lvis_boxes(
     )
 
 
+@EVALUATOR_REGISTRY.register(name="lvis")
 class LVISEvaluator(FastCOCOEvaluator):
     """LVIS box AP of a registered LVIS dataset (``TEST.EVALUATOR lvis``).
 

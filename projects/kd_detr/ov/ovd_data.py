@@ -1,43 +1,22 @@
 # Copyright (c) kd_detr contributors.
-"""COCO-OVD splits registered from ``cfg.DATASETS.COCO_OVD``, and data paths that start with
-``$KD_DETR_SHARED_DATA`` (the shared real data, default ``../shared/data``)."""
+"""COCO-OVD splits registered from ``cfg.DATASETS.COCO_OVD`` (the ``COCO_OVD`` source of
+``DATASET_SOURCE_REGISTRY``); paths may start with ``$KD_DETR_SHARED_DATA``."""
 import os
 from typing import List
 
+from ..data.datasets import DATASET_SOURCE_REGISTRY
+from ..utils import SHARED_DATA_VAR, cache_root, expand_data_path, shared_data_root
 from .coco_ovd import register_coco_ovd
 
-__all__ = ["expand_data_path", "register_coco_ovd_from_config", "shared_data_root"]
-
-SHARED_DATA_VAR = "KD_DETR_SHARED_DATA"
-
-
-def shared_data_root() -> str:
-    """``$KD_DETR_SHARED_DATA``, else ``../shared/data`` relative to the working directory."""
-    root = os.environ.get(SHARED_DATA_VAR, "") or os.path.join("..", "shared", "data")
-    return os.path.abspath(os.path.expanduser(root))
-
-
-def expand_data_path(path: str) -> str:
-    """Replace a leading ``$KD_DETR_SHARED_DATA`` / ``${KD_DETR_SHARED_DATA}`` by
-    :func:`shared_data_root` (also when the variable is unset), then other ``$VARS`` and ``~``.
-    An empty path stays empty."""
-    if not path:
-        return path
-    for token in (f"${{{SHARED_DATA_VAR}}}", f"${SHARED_DATA_VAR}"):
-        if path.startswith(token):
-            path = shared_data_root() + path[len(token) :]
-            break
-    return os.path.expanduser(os.path.expandvars(path))
+__all__ = ["register_coco_ovd_from_config"]
 
 
 def _cache_dir(cfg) -> str:
     root = cfg.DATASETS.get("COCO_OVD_CACHE_DIR", "")
-    if not root:
-        base = os.environ.get("KD_DETR_DATA", "") or os.path.join("~", ".cache", "kd_detr")
-        root = os.path.join(base, "coco_ovd")
-    return os.path.abspath(expand_data_path(root))
+    return os.path.abspath(expand_data_path(root)) if root else cache_root("coco_ovd")
 
 
+@DATASET_SOURCE_REGISTRY.register(name="COCO_OVD")
 def register_coco_ovd_from_config(cfg) -> List[str]:
     """Register every ``cfg.DATASETS.COCO_OVD`` entry
     ("name,instances.json,image_root,train|val[,65|80]"); returns the names.

@@ -22,7 +22,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from .ovd_data import expand_data_path
+from ..utils import expand_data_path
 from .text_embeddings import load_text_embeddings
 
 __all__ = [

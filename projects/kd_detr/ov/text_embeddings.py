@@ -175,7 +175,7 @@ def build_text_embeddings(
     Returns:
         (C, D) float32 unit-norm embeddings.
     """
-    import open_clip
+    import open_clip  # optional third-party package: imported only when names are encoded
 
     model = open_clip.create_model(model_name, pretrained=pretrained or None, device=device)
     model.eval()

@@ -17,9 +17,9 @@ from detectron2.modeling.roi_heads.fast_rcnn import (
 )
 from detectron2.structures import Instances
 
-from .ovd_data import expand_data_path
+from ..utils import expand_data_path
 from .region_text_classifier import RegionTextClassifier
-from .vocabulary import dataset_vocabulary
+from .vocabulary import dataset_vocabularies
 
 __all__ = ["ViLDOutputLayers", "base_class_mask", "load_novel_category_mask", "vild_ensemble"]
 
@@ -71,19 +71,6 @@ def load_novel_category_mask(path: str) -> torch.Tensor:
             "Detic's lvis_v1_train_cat_info.json (MODEL.OV.VILD.NOVEL_CATEGORIES)"
         )
     return torch.tensor([c["frequency"] == "r" for c in sorted(cats, key=lambda c: c["id"])])
-
-
-def _dataset_vocabularies(cfg):
-    """(train, test) vocabularies: rows of MODEL.OV.* embeddings picked by dataset class names."""
-    ov = cfg.MODEL.OV
-    if not cfg.DATASETS.TRAIN or not cfg.DATASETS.TEST:
-        raise ValueError(
-            "MODEL.OV.VILD.VOCABULARY_FROM_DATASETS needs DATASETS.TRAIN and DATASETS.TEST: "
-            "set both, or give embeddings in the datasets' class order and turn it off"
-        )
-    train = dataset_vocabulary(ov.TEXT_EMBEDDINGS, cfg.DATASETS.TRAIN[0], ov.EMBED_DIM)
-    test_file = ov.TEST_TEXT_EMBEDDINGS or ov.TEXT_EMBEDDINGS
-    return train, dataset_vocabulary(test_file, cfg.DATASETS.TEST[0], ov.EMBED_DIM)
 
 
 def _with_expanded_paths(cfg):
@@ -163,7 +150,7 @@ class ViLDOutputLayers(FastRCNNOutputLayers):
         vild = cfg.MODEL.OV.VILD
         classifier_args = RegionTextClassifier.from_config(cfg, input_shape)
         if vild.VOCABULARY_FROM_DATASETS:
-            train, test = _dataset_vocabularies(cfg)
+            train, test = dataset_vocabularies(cfg, "MODEL.OV.VILD.VOCABULARY_FROM_DATASETS", True)
             classifier_args.update(text_embeddings=train, test_text_embeddings=test)
         num_train = classifier_args["text_embeddings"].shape[0]
         if num_train != cfg.MODEL.ROI_HEADS.NUM_CLASSES:

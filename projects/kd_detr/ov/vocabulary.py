@@ -4,15 +4,21 @@
 One embedding file for many classes (e.g. Detic's 80 COCO classes) serves any dataset whose
 classes it names (the 48 COCO-OVD base classes for training, the 65 OVD classes for testing).
 """
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..utils import expand_data_path
 from .text_embeddings import coco_class_names, load_text_embeddings, read_sidecar
 
-__all__ = ["dataset_vocabulary", "embedding_row_names", "select_vocabulary"]
+__all__ = [
+    "dataset_vocabularies",
+    "dataset_vocabulary",
+    "embedding_row_names",
+    "select_vocabulary",
+]
 
 
 def _norm(name: str) -> str:
@@ -83,3 +89,42 @@ def dataset_vocabulary(
         )
     emb = load_text_embeddings(path, expected_dim=expected_dim)
     return select_vocabulary(emb, embedding_row_names(path, len(emb)), classes, source=path)
+
+
+def dataset_vocabularies(
+    cfg, switch: str, need_both: bool
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The (train, test) vocabularies of a config whose ``switch`` key asks for vocabularies
+    picked by dataset class names: rows of ``MODEL.OV.TEXT_EMBEDDINGS`` for the classes of
+    ``DATASETS.TRAIN[0]``, rows of ``MODEL.OV.TEST_TEXT_EMBEDDINGS`` (else ``TEXT_EMBEDDINGS``) for
+    those of ``DATASETS.TEST[0]``; paths may start with ``$KD_DETR_SHARED_DATA``.
+
+    Args:
+        switch (str): the config key that asked (named in errors).
+        need_both (bool): both datasets must be set (else at least one).
+
+    Returns:
+        tuple: (C_train, D) or None without a training dataset, (C_test, D) or None without a
+        test dataset.
+    """
+    ov = cfg.MODEL.OV
+    train_set = cfg.DATASETS.TRAIN[0] if cfg.DATASETS.TRAIN else None
+    test_set = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+    if need_both:
+        missing = train_set is None or test_set is None
+    else:
+        missing = train_set is None and test_set is None
+    if missing:
+        raise ValueError(
+            f"{switch} needs DATASETS.TRAIN {'and' if need_both else 'or'} DATASETS.TEST: set "
+            f"{'both' if need_both else 'one'}, or give embeddings in the datasets' class order "
+            "and turn it off"
+        )
+    train_path = expand_data_path(ov.TEXT_EMBEDDINGS)
+    test_path = expand_data_path(ov.TEST_TEXT_EMBEDDINGS) or train_path
+    train = test = None
+    if test_set is not None:
+        test = dataset_vocabulary(test_path, test_set, expected_dim=ov.EMBED_DIM)
+    if train_set is not None:
+        train = dataset_vocabulary(train_path, train_set, expected_dim=ov.EMBED_DIM)
+    return train, test

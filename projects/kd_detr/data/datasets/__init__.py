@@ -1,6 +1,8 @@
 # Copyright (c) kd_detr contributors.
-"""kd_detr's datasets. Importing this package registers "kd_demo_train" and "kd_demo_val"."""
-from .coco_json import load_coco_json_checked, register_coco_json, register_from_config
+"""kd_detr's datasets. Importing this package registers "kd_demo_train" and "kd_demo_val" and the
+config-driven sources ``KD_DEMO``, ``COCO_JSON`` and ``VOC`` of ``DATASET_SOURCE_REGISTRY``."""
+from .catalog import absolute_path, already_registered
+from .coco_json import load_coco_json_checked, register_coco_json, register_coco_json_from_config
 from .demo import (
     DEMO_CLASSES,
     DemoSettings,
@@ -10,6 +12,7 @@ from .demo import (
     prepare_demo_dataset,
     register_demo_datasets,
 )
-from .pascal_voc import load_voc_instances, register_voc
+from .pascal_voc import load_voc_instances, register_voc, register_voc_from_config
+from .registry import DATASET_SOURCE_REGISTRY, register_from_config, split_config_entry
 
 __all__ = [k for k in globals().keys() if not k.startswith("_")]

@@ -1,5 +1,5 @@
 # Copyright (c) kd_detr contributors.
-"""Register COCO-format json datasets, and every dataset listed in a config.
+"""Register COCO-format json datasets (also from ``cfg.DATASETS.COCO_JSON``).
 
 ``register_coco_json("my_train", "ann/train.json", "images/")`` is all a custom COCO-format
 dataset needs. Compared with Detectron2's ``register_coco_instances`` it checks its inputs (clear
@@ -13,33 +13,14 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
-__all__ = ["register_coco_json", "load_coco_json_checked", "register_from_config"]
+from .catalog import absolute_path, already_registered
+from .registry import DATASET_SOURCE_REGISTRY, split_config_entry
+
+__all__ = ["register_coco_json", "load_coco_json_checked", "register_coco_json_from_config"]
 
 logger = logging.getLogger(__name__)
 
 _REQUIRED_KEYS = ("images", "annotations", "categories")
-
-
-def _abspath(path):
-    return os.path.abspath(os.path.expanduser(os.fspath(path)))
-
-
-def _already_registered(name, **expected):
-    """Whether ``name`` is registered with exactly these metadata values.
-
-    Returns False when ``name`` is not registered; raises ValueError when it is registered with
-    other values, so that a name never silently points at two different datasets.
-    """
-    if name not in DatasetCatalog.list():
-        return False
-    meta = MetadataCatalog.get(name)
-    found = {key: meta.get(key, None) for key in expected}
-    if found == expected:
-        return True
-    raise ValueError(
-        f"Dataset {name!r} is already registered with {found}, not {expected}. Use another name, "
-        f"or call DatasetCatalog.remove({name!r}) and MetadataCatalog.remove({name!r}) first."
-    )
 
 
 def _check_coco_json(json_file):
@@ -94,7 +75,7 @@ def load_coco_json_checked(json_file, image_root, dataset_name=None):
     Returns:
         list[dict]: dataset dicts in Detectron2's standard format.
     """
-    json_file = _abspath(json_file)
+    json_file = absolute_path(json_file)
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"COCO json file not found: {json_file}")
     try:
@@ -124,12 +105,12 @@ def register_coco_json(name, json_file, image_root, *, metadata=None):
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Dataset name must be a non-empty string, got {name!r}")
-    json_file, image_root = _abspath(json_file), _abspath(image_root)
+    json_file, image_root = absolute_path(json_file), absolute_path(image_root)
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"COCO json file for dataset {name!r} not found: {json_file}")
     if not os.path.isdir(image_root):
         raise FileNotFoundError(f"Image directory for dataset {name!r} not found: {image_root}")
-    if _already_registered(name, json_file=json_file, image_root=image_root):
+    if already_registered(name, json_file=json_file, image_root=image_root):
         return
     DatasetCatalog.register(name, lambda: load_coco_json_checked(json_file, image_root, name))
     MetadataCatalog.get(name).set(
@@ -137,50 +118,15 @@ def register_coco_json(name, json_file, image_root, *, metadata=None):
     )
 
 
-def _split_entry(entry, key, num_fields, example):
-    fields = [field.strip() for field in str(entry).split(",")]
-    if len(fields) != num_fields or not all(fields):
-        raise ValueError(
-            f"Malformed cfg.DATASETS.{key} entry {entry!r}: expected {num_fields} non-empty "
-            f"comma-separated fields, like {example!r}"
-        )
-    return fields
-
-
-def register_from_config(cfg):
-    """Register every dataset listed in ``cfg.DATASETS.COCO_JSON``, ``cfg.DATASETS.VOC`` and
-    ``cfg.DATASETS.COCO_OVD`` (see :mod:`kd_detr.ov.ovd_data`).
-
-    Entries are "name,path/to/instances.json,path/to/image_root" and
-    "name,path/to/voc_dir,split,class1;class2;...". Names already registered with the same
-    settings are skipped, so calling this twice is harmless.
-
-    Returns:
-        list[str]: the names of all datasets listed in the config.
-    """
-    from .pascal_voc import register_voc  # pascal_voc imports this module
-
+@DATASET_SOURCE_REGISTRY.register(name="COCO_JSON")
+def register_coco_json_from_config(cfg):
+    """Register every ``cfg.DATASETS.COCO_JSON`` entry ("name,path/to/instances.json,
+    path/to/image_root"); returns the names."""
     names = []
     for entry in cfg.DATASETS.get("COCO_JSON", []):
-        name, json_file, image_root = _split_entry(
+        name, json_file, image_root = split_config_entry(
             entry, "COCO_JSON", 3, "name,path/to/instances.json,path/to/image_root"
         )
         register_coco_json(name, json_file, image_root)
         names.append(name)
-    for entry in cfg.DATASETS.get("VOC", []):
-        name, dirname, split, classes = _split_entry(
-            entry, "VOC", 4, "name,path/to/voc_dir,trainval,cat;dog"
-        )
-        class_names = [c.strip() for c in classes.split(";")]
-        if not all(class_names) or len(set(class_names)) != len(class_names):
-            raise ValueError(
-                f"Malformed cfg.DATASETS.VOC entry {entry!r}: class names must be non-empty, "
-                f"unique and separated by ';', got {class_names}"
-            )
-        register_voc(name, dirname, split, class_names)
-        names.append(name)
-    if cfg.DATASETS.get("COCO_OVD", []):
-        from ...ov.ovd_data import register_coco_ovd_from_config  # kd_detr.ov imports this module
-
-        names += register_coco_ovd_from_config(cfg)
     return names

@@ -25,6 +25,9 @@ from tqdm import tqdm
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ...utils import cache_root
+from .registry import DATASET_SOURCE_REGISTRY
+
 __all__ = [
     "DEMO_CLASSES",
     "DemoSettings",
@@ -117,8 +120,7 @@ class DemoSettings:
 def demo_root(cfg=None):
     """Cache root: ``cfg.DATASETS.KD_DEMO.ROOT``, else ``$KD_DETR_DATA``, else ~/.cache/kd_detr."""
     root = cfg.DATASETS.KD_DEMO.ROOT if cfg is not None else ""
-    root = root or os.environ.get("KD_DETR_DATA", "") or os.path.join("~", ".cache", "kd_detr")
-    return os.path.abspath(os.path.expanduser(root))
+    return os.path.abspath(os.path.expanduser(root)) if root else cache_root()
 
 
 def demo_dataset_dir(settings, root):
@@ -338,6 +340,14 @@ def register_demo_datasets(cfg=None):
             demo_settings=dataclasses.asdict(settings),
         )
     return directory
+
+
+@DATASET_SOURCE_REGISTRY.register(name="KD_DEMO")
+def register_demo_datasets_from_config(cfg):
+    """Re-register the demo datasets for ``cfg.DATASETS.KD_DEMO``; built-in names, so none is
+    returned."""
+    register_demo_datasets(cfg)
+    return []
 
 
 register_demo_datasets()

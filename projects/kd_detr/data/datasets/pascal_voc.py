@@ -14,9 +14,10 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
-from .coco_json import _abspath, _already_registered
+from .catalog import absolute_path, already_registered
+from .registry import DATASET_SOURCE_REGISTRY, split_config_entry
 
-__all__ = ["load_voc_instances", "register_voc"]
+__all__ = ["load_voc_instances", "register_voc", "register_voc_from_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,11 @@ def register_voc(name, dirname, split, class_names, year=None, *, keep_difficult
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"Dataset name must be a non-empty string, got {name!r}")
-    dirname, class_names = _abspath(dirname), list(class_names)
+    dirname, class_names = absolute_path(dirname), list(class_names)
     split_file = os.path.join(dirname, "ImageSets", "Main", split + ".txt")
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"VOC split file for dataset {name!r} not found: {split_file}")
-    if _already_registered(name, dirname=dirname, split=split, thing_classes=class_names):
+    if already_registered(name, dirname=dirname, split=split, thing_classes=class_names):
         return
     DatasetCatalog.register(
         name,
@@ -178,3 +179,23 @@ def register_voc(name, dirname, split, class_names, year=None, *, keep_difficult
     MetadataCatalog.get(name).set(
         thing_classes=class_names, dirname=dirname, split=split, evaluator_type="coco", **extra
     )
+
+
+@DATASET_SOURCE_REGISTRY.register(name="VOC")
+def register_voc_from_config(cfg):
+    """Register every ``cfg.DATASETS.VOC`` entry ("name,path/to/voc_dir,split,class1;class2;...",
+    split being an ImageSets/Main file); returns the names."""
+    names = []
+    for entry in cfg.DATASETS.get("VOC", []):
+        name, dirname, split, classes = split_config_entry(
+            entry, "VOC", 4, "name,path/to/voc_dir,trainval,cat;dog"
+        )
+        class_names = [c.strip() for c in classes.split(";")]
+        if not all(class_names) or len(set(class_names)) != len(class_names):
+            raise ValueError(
+                f"Malformed cfg.DATASETS.VOC entry {entry!r}: class names must be non-empty, "
+                f"unique and separated by ';', got {class_names}"
+            )
+        register_voc(name, dirname, split, class_names)
+        names.append(name)
+    return names

@@ -18,7 +18,6 @@ from ..denoising import (
     DenoisingQueries,
     denoising_args_from_config,
     denoising_loss_key,
-    denoising_losses,
 )
 from ..query_groups import check_box_group
 from ..transformer import MLP
@@ -146,6 +145,13 @@ class DABDETR(DenoisingForwardMixin, DETR):
         if self.bbox_embed_diff_each_layer:
             return list(self.bbox_embed)
         return [self.bbox_embed] * self.transformer.num_decoder_layers
+
+    box_query_groups = True
+
+    def detection_query_content(self, batch_size: int, outputs: Dict) -> torch.Tensor:
+        """(B, N, d) content of the detection queries: zeros, the patterns or, with denoising,
+        the "no object" label embedding (see :meth:`detection_queries`)."""
+        return self.detection_queries(batch_size)[0]
 
     def detection_queries(self, batch_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Content (B, N, d) and anchor boxes (B, N, 4) of the detection queries.
@@ -300,21 +306,6 @@ class DABDETR(DenoisingForwardMixin, DETR):
         layer) and ``loss_*_dn_{i}`` (layer i) when denoising is enabled and training; they are
         zeros for a batch without objects, so the keys never change."""
         losses = super().losses(outputs, targets)
-        if self.denoising is None or not self.training:
-            return losses
         weights = self.criterion.weight_dict
-        dn = outputs.get("denoising")
-        if dn is None:
-            zero = outputs["pred_logits"].sum() * 0
-            return dict(losses, **{k: zero for k in weights if "_dn" in k})
-        num_boxes = self.criterion.get_num_boxes(targets, dn["pred_logits"].device)
-        dn_losses = denoising_losses(
-            dn["pred_logits"],
-            dn["pred_boxes"],
-            dn["queries"],
-            num_boxes,
-            self.criterion.focal_alpha,
-            self.criterion.focal_gamma,
-            all_layers=self.aux_loss,
-        )
+        dn_losses = self.denoising_loss_terms(outputs, targets)
         return dict(losses, **{k: v * weights[k] for k, v in dn_losses.items()})

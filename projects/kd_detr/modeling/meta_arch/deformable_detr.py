@@ -83,8 +83,13 @@ class DeformableDETR(DETR):
     references the reported "reference_boxes" carry the point and the w, h the layer predicts.
     """
 
-    # Decodes extra query groups of boxes (distillation points); checked by the KD trainer.
+    # Decodes extra query groups of boxes (distillation points): DistillableDETR interface.
     box_query_groups = True
+
+    def detection_query_content(self, batch_size: int, outputs: Dict) -> torch.Tensor:
+        """(B, Q, d) content the detection queries started from in ``outputs`` (image-dependent
+        for two-stage): ``outputs["layers"]["query_content"]`` (None without outputs)."""
+        return outputs.get("layers", {}).get("query_content")
 
     @configurable
     def __init__(
@@ -224,7 +229,8 @@ class DeformableDETR(DETR):
         Returns:
             dict: "memory" (B, S, d), "mask" (B, S), "pos" (B, S, d), "src" (B, S, d),
             "spatial_shapes" (L pairs (h, w)), "valid_ratios" (B, L, 2); two-stage adds
-            "proposal_features" (B, S, d) and "proposal_logits" (B, S, 4).
+            "proposal_features" (B, S, d) and "proposal_logits" (B, S, 4); with
+            ``keep_backbone_features``, "backbone_features" (the backbone's output dict).
         """
         if isinstance(images, ImageList):
             tensor, mask = images.tensor, padding_mask(images)
@@ -245,6 +251,8 @@ class DeformableDETR(DETR):
                 encoded["memory"], encoded["mask"], encoded["spatial_shapes"]
             )
             encoded.update(proposal_features=feats, proposal_logits=logits)
+        if self.keep_backbone_features:
+            encoded["backbone_features"] = features
         return encoded
 
     # ---------------------------------------------------------------- queries

@@ -1,7 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """DETR (Carion et al., 2020) as a Detectron2 meta-architecture, split for distillation reuse:
 ``forward_raw`` (images -> raw per-layer outputs), ``losses`` and ``inference``."""
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
+from ..class_head import class_head_factory, linear_class_head
 from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..num_classes import check_num_classes
@@ -31,14 +32,6 @@ def padding_mask(images: ImageList) -> torch.Tensor:
     for i, (h, w) in enumerate(images.image_sizes):
         mask[i, :h, :w] = False
     return mask
-
-
-def _build_ov_class_head(cfg) -> Optional[nn.Module]:
-    """The open-vocabulary class head when ``MODEL.OV.DETR_HEAD.ENABLED``, else None."""
-    from ...ov.detr_ov_head import build_detr_ov_class_head  # lazy: avoids an import cycle
-
-    d = cfg.MODEL.DETR
-    return build_detr_ov_class_head(cfg, d.HIDDEN_DIM, d.USE_FOCAL_LOSS)
 
 
 @META_ARCH_REGISTRY.register()
@@ -68,7 +61,7 @@ class DETR(nn.Module):
         position_temperature: float = 10000.0,
         test_topk: int = 100,
         group_decoding: str = "separate",
-        class_head: Optional[nn.Module] = None,
+        class_head: Callable[[int, int, bool], nn.Module] = linear_class_head,
     ):
         """
         Args:
@@ -85,8 +78,9 @@ class DETR(nn.Module):
             position_temperature: temperature of the sine positional encoding.
             test_topk: detections kept per image (0 = all queries).
             group_decoding: "separate" or "masked" (see ``MODEL.DETR.GROUP_DECODING``).
-            class_head: replaces the linear class head (d -> K logits, applied to every decoder
-                layer), e.g. the open-vocabulary head of ``MODEL.OV.DETR_HEAD``.
+            class_head: ``make(d, C, use_focal)`` building the class head (d -> K logits, applied
+                to every decoder layer); default a linear layer. ``from_config`` takes it from
+                ``CLASS_HEAD_REGISTRY`` (``MODEL.DETR.CLASS_HEAD``).
         """
         super().__init__()
         if group_decoding not in ("separate", "masked"):
@@ -111,9 +105,7 @@ class DETR(nn.Module):
             hidden_dim // 2, temperature=position_temperature, normalize=True
         )
         self._build_detection_queries(hidden_dim)
-        if class_head is None:
-            class_head = nn.Linear(hidden_dim, num_classes + (0 if self.use_focal else 1))
-        self.class_embed = class_head
+        self.class_embed = class_head(hidden_dim, num_classes, self.use_focal)
         self.bbox_embed = MLP(hidden_dim, hidden_dim, 4, 3)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
@@ -159,7 +151,7 @@ class DETR(nn.Module):
             "position_temperature": d.POSITION_TEMPERATURE,
             "test_topk": d.TEST_TOPK,
             "group_decoding": d.GROUP_DECODING,
-            "class_head": _build_ov_class_head(cfg),
+            "class_head": class_head_factory(cfg),
         }
 
     def _build_detection_queries(self, hidden_dim: int) -> None:
@@ -170,6 +162,21 @@ class DETR(nn.Module):
     @property
     def device(self):
         return self.pixel_mean.device
+
+    # ---------------------------------------------------------------- distillation interface
+    # (kd_detr.distill.interface.DistillableDETR): what a teacher or student of KD-DETR provides.
+    box_query_groups = False  # vanilla DETR decodes content / pos groups only, not boxes
+    keep_backbone_features = False  # set by the KD trainer when a KD term reads them
+
+    @property
+    def hidden_dim(self) -> int:
+        """d, the width of the query features (``transformer.d_model``)."""
+        return self.transformer.d_model
+
+    def detection_query_content(self, batch_size: int, outputs: Dict) -> Optional[torch.Tensor]:
+        """(B or 1, N, d) content vectors the detection queries start from, or None when the
+        model has no box queries (vanilla DETR: the specific points of KD-DETR need them)."""
+        return None
 
     # ---------------------------------------------------------------- Detectron2 entry point
     def forward(self, batched_inputs: List[Dict], extra_query_groups: Optional[List[Dict]] = None):
@@ -228,19 +235,24 @@ class DETR(nn.Module):
 
         Returns:
             dict: "memory" (B, S, d), "mask" (B, S) True on padding, "pos" (B, S, d) and
-            "spatial_shape" (h, w) of the feature map (S = h * w).
+            "spatial_shape" (h, w) of the feature map (S = h * w); with
+            ``keep_backbone_features``, "backbone_features" (the backbone's output dict).
         """
         if isinstance(images, ImageList):
             tensor, mask = images.tensor, padding_mask(images)
         else:
             tensor, mask = images
-        features = self.backbone(tensor)[self.in_feature]
+        backbone_features = self.backbone(tensor)
+        features = backbone_features[self.in_feature]
         mask = F.interpolate(mask[None].float(), size=features.shape[-2:]).to(torch.bool)[0]
         pos = self.position_encoding(mask).to(features.dtype).flatten(2).transpose(1, 2)
         src = self.input_proj(features).flatten(2).transpose(1, 2)
         mask = mask.flatten(1)
         memory = self.transformer.encode(src, pos, mask)
-        return {"memory": memory, "mask": mask, "pos": pos, "spatial_shape": features.shape[-2:]}
+        encoded = {"memory": memory, "mask": mask, "pos": pos, "spatial_shape": features.shape[-2:]}
+        if self.keep_backbone_features:
+            encoded["backbone_features"] = backbone_features
+        return encoded
 
     def decode(self, encoded, queries: List[Tuple[torch.Tensor, torch.Tensor]]):
         """Decode query sets that do not attend to each other.

@@ -21,7 +21,6 @@ from ..denoising import (
     DenoisingQueries,
     denoising_args_from_config,
     denoising_loss_key,
-    denoising_losses,
 )
 from ..position_encoding import PositionEmbeddingSine
 from ..transformer.dab_transformer import inverse_sigmoid
@@ -72,8 +71,6 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
     proposals).
     """
 
-    box_query_groups = True
-
     @configurable
     def __init__(
         self,
@@ -120,8 +117,8 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
         if not share_heads:
             if not isinstance(self.class_embed, nn.Linear):
                 raise ValueError(
-                    "the open-vocabulary class head (MODEL.OV.DETR_HEAD) is one head shared by "
-                    "all layers: set MODEL.DETR.DINO.SHARE_HEADS True"
+                    "the open-vocabulary class head (MODEL.DETR.CLASS_HEAD region_text) is one "
+                    "head shared by all layers: set MODEL.DETR.DINO.SHARE_HEADS True"
                 )
             num = self.transformer.num_decoder_layers
             self.class_embed = nn.ModuleList(copy.deepcopy(self.class_embed) for _ in range(num))
@@ -296,22 +293,5 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
         indices = criterion.matcher(enc, targets)
         enc_losses = criterion.layer_losses(enc, targets, indices, num_boxes)
         loss_dict.update({f"{k}_enc": v for k, v in enc_losses.items()})
-        if self.training and self.denoising is not None:
-            dn = outputs.get("denoising")
-            if dn is None:
-                # no object in the batch: zeros that keep the label embedding in the graph
-                zero = outputs["pred_logits"].sum() * 0 + self.denoising.label_enc.weight.sum() * 0
-                loss_dict.update({k: zero for k in criterion.weight_dict if "_dn" in k})
-            else:
-                loss_dict.update(
-                    denoising_losses(
-                        dn["pred_logits"],
-                        dn["pred_boxes"],
-                        dn["queries"],
-                        num_boxes,
-                        criterion.focal_alpha,
-                        criterion.focal_gamma,
-                        all_layers=self.aux_loss,
-                    )
-                )
+        loss_dict.update(self.denoising_loss_terms(outputs, targets))
         return {k: v * criterion.weight_dict[k] for k, v in loss_dict.items()}

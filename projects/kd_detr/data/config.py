@@ -1,0 +1,38 @@
+# Copyright (c) kd_detr contributors.
+"""Config keys of the data layer: the demo dataset, datasets listed in the config, DETR crop."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_data_config"]
+
+
+def add_data_config(cfg):
+    """Add ``DATASETS.{KD_DEMO, COCO_JSON, VOC}`` and ``INPUT.DETR_CROP`` in place."""
+    # Built-in synthetic demo dataset, registered as "kd_demo_train" / "kd_demo_val". Images are
+    # generated deterministically on first use into DATASETS.KD_DEMO.ROOT.
+    cfg.DATASETS.KD_DEMO = CN()
+    # Cache directory; "" means $KD_DETR_DATA, else <user cache dir>/kd_detr.
+    cfg.DATASETS.KD_DEMO.ROOT = ""
+    cfg.DATASETS.KD_DEMO.NUM_TRAIN = 600
+    cfg.DATASETS.KD_DEMO.NUM_VAL = 100
+    # Square image side in pixels.
+    cfg.DATASETS.KD_DEMO.IMAGE_SIZE = 192
+    # Objects per image are drawn uniformly from [MIN_OBJECTS, MAX_OBJECTS].
+    cfg.DATASETS.KD_DEMO.MIN_OBJECTS = 1
+    cfg.DATASETS.KD_DEMO.MAX_OBJECTS = 4
+    # Object side as a fraction of IMAGE_SIZE, drawn uniformly from this range.
+    cfg.DATASETS.KD_DEMO.OBJECT_SIZE = (0.15, 0.45)
+    cfg.DATASETS.KD_DEMO.SEED = 0
+    # Extra datasets registered from config, one string each:
+    # COCO_JSON: "name,path/to/instances.json,path/to/image_root"
+    cfg.DATASETS.COCO_JSON = []
+    # DETR's random "resize then crop" (applied with probability 0.5 before the final resize);
+    # used by Trainer.build_train_loader when enabled.
+    cfg.INPUT.DETR_CROP = CN()
+    cfg.INPUT.DETR_CROP.ENABLED = False
+    # Shortest-edge sizes of the resize before the crop.
+    cfg.INPUT.DETR_CROP.RESIZE_SIZES = (400, 500, 600)
+    # Crop height and width are drawn from this range in pixels ("absolute_range").
+    cfg.INPUT.DETR_CROP.SIZE = (384, 600)
+    # VOC: "name,path/to/VOCdevkit_like_dir,split,class1;class2;..."
+    # (split is an ImageSets/Main file)
+    cfg.DATASETS.VOC = []

@@ -1,0 +1,103 @@
+# Copyright (c) kd_detr contributors.
+"""``KDContext``: everything a KD term may read for one training batch.
+
+A term declares in ``inputs`` which of :data:`KD_INPUTS` it reads; the trainer fills only what
+some configured term declared, so a run with KD-DETR's point terms alone computes nothing more
+than the points.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+
+__all__ = ["KD_INPUTS", "KDContext", "PointPair", "encoder_memory"]
+
+# What a KD term may declare in ``inputs``:
+#   "points": ``pairs``, the paired point groups (KD-DETR and the paper's baselines);
+#   "targets": ``targets``, the ground truth of the batch in the student's classes;
+#   "matching": ``student_matching`` / ``teacher_matching``, the Hungarian matching of each model's
+#       final-layer detection outputs to ``targets`` (implies "targets");
+#   "backbone_features": ``outputs["encoder"]["backbone_features"]`` of both models (the models
+#       keep them only when asked);
+#   "encoder_memory": :func:`encoder_memory` of both models (always available, nothing to keep).
+KD_INPUTS = ("points", "targets", "matching", "backbone_features", "encoder_memory")
+
+
+class PointPair(NamedTuple):
+    """One paired point group.
+
+    Attributes:
+        name (str): the group's name in the loss keys ("general", "specific", "inconsistent", ...).
+        student (dict): the student's outputs at the M points, every decoder layer:
+            "pred_logits" (L, B, M, K), "pred_boxes" (L, B, M, 4) normalised cxcywh, optional
+            "hidden_states" (L, B, M, d_s) and "reference_boxes" (L, B, M, 4).
+        teacher (dict): the teacher's targets at the same points, final layer, detached:
+            "pred_logits" (B, M, K) in the student's class space, "pred_boxes" (B, M, 4),
+            optional "hidden_states" (B, M, d_t).
+        weights (Tensor or None): (B, M) point weights (foreground rebalance), detached; None
+            means all ones.
+    """
+
+    name: str
+    student: Dict[str, torch.Tensor]
+    teacher: Dict[str, torch.Tensor]
+    weights: Optional[torch.Tensor]
+
+
+def encoder_memory(outputs: Dict) -> Dict:
+    """The encoder memory of a model's ``forward_raw`` outputs in one layout for every model:
+    "memory" (B, S, d), "padding_mask" (B, S) True on padding, "spatial_shapes" list of (h, w)
+    per feature level (sum of h * w = S)."""
+    encoded = outputs["encoder"]
+    shapes = encoded.get("spatial_shapes")
+    if shapes is None:
+        shapes = [tuple(int(v) for v in encoded["spatial_shape"])]
+    else:
+        shapes = [tuple(int(v) for v in shape) for shape in shapes]
+    return {"memory": encoded["memory"], "padding_mask": encoded["mask"], "spatial_shapes": shapes}
+
+
+@dataclass
+class KDContext:
+    """The distillation inputs of one batch, passed to every KD term (``KD_LOSS_REGISTRY``).
+
+    Always set: ``iteration``, ``batched_inputs`` (the Detectron2 dataset dicts), ``image_sizes``
+    (unpadded (h, w) of the network inputs), ``student_outputs`` / ``teacher_outputs`` (both
+    models' ``forward_raw`` outputs; the student's carry gradients, the teacher's do not) and
+    ``teacher_softmax``. The other fields are filled when some term's ``inputs`` asks for them
+    (see :data:`KD_INPUTS`), else left empty / None.
+
+    Attributes:
+        pairs (list[PointPair]): "points".
+        targets (list[dict] or None): "targets": per image "labels" (T,) in the student's
+            classes and "boxes" (T, 4) normalised cxcywh.
+        student_matching, teacher_matching (list[tuple] or None): "matching": per image
+            (query indices (n,), target indices (n,)) of each model's final detection layer.
+    """
+
+    iteration: int
+    batched_inputs: List[Dict]
+    image_sizes: List[Tuple[int, int]]
+    student_outputs: Dict
+    teacher_outputs: Dict
+    teacher_softmax: bool
+    pairs: List[PointPair] = field(default_factory=list)
+    targets: Optional[List[Dict[str, torch.Tensor]]] = None
+    student_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    teacher_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def backbone_features(self, role: str) -> Dict[str, torch.Tensor]:
+        """"backbone_features": the backbone output dict of the "student" or the "teacher"."""
+        outputs = self.student_outputs if role == "student" else self.teacher_outputs
+        features = outputs["encoder"].get("backbone_features")
+        if features is None:
+            raise RuntimeError(
+                f"The {role}'s backbone features were not kept: the KD term must declare "
+                "'backbone_features' in its inputs"
+            )
+        return features
+
+    def encoder_memory(self, role: str) -> Dict:
+        """"encoder_memory" of the "student" or the "teacher" (see :func:`encoder_memory`)."""
+        outputs = self.student_outputs if role == "student" else self.teacher_outputs
+        return encoder_memory(outputs)

@@ -1,0 +1,74 @@
+# Copyright (c) kd_detr contributors.
+"""What one KD step computes for its terms: the union of their declared inputs
+(:func:`kd_inputs`) and the :class:`KDContext` holding exactly that (:func:`build_kd_context`)."""
+from typing import Dict, FrozenSet, Iterable, List
+
+import torch
+
+from .context import KDContext
+from .pairing import KDPairing
+from .teacher import Teacher
+
+__all__ = ["build_kd_context", "kd_inputs"]
+
+
+def kd_inputs(terms: Iterable, pairing: KDPairing) -> FrozenSet[str]:
+    """Everything the terms (and, when some term reads "points", the pairing) declared;
+    "matching" implies "targets"."""
+    needed = set()
+    for term in terms:
+        needed |= set(getattr(term, "inputs", ()))
+    if "points" in needed:
+        needed |= set(pairing.inputs)
+    if "matching" in needed:
+        needed.add("targets")
+    return frozenset(needed)
+
+
+def _final_layer(outputs: Dict) -> Dict[str, torch.Tensor]:
+    return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"]}
+
+
+@torch.no_grad()
+def _matching(matcher, outputs: Dict, targets: List[Dict]):
+    return matcher({k: v.detach() for k, v in outputs.items()}, targets)
+
+
+def build_kd_context(
+    iteration: int,
+    batched_inputs: List[Dict],
+    student_outputs: Dict,
+    teacher_outputs: Dict,
+    inputs: FrozenSet[str],
+    *,
+    student,
+    teacher: Teacher,
+) -> KDContext:
+    """The context of one batch with what ``inputs`` asks for ("points" are added by the
+    pairing afterwards).
+
+    Args:
+        student: the student model (not DDP-wrapped): its ``prepare_targets`` and matcher.
+        teacher (Teacher): the teacher: its matcher and class mapping.
+    """
+    sizes = [tuple(x["image"].shape[-2:]) for x in batched_inputs]
+    context = KDContext(
+        iteration=iteration,
+        batched_inputs=batched_inputs,
+        image_sizes=sizes,
+        student_outputs=student_outputs,
+        teacher_outputs=teacher_outputs,
+        teacher_softmax=teacher.softmax,
+    )
+    if "targets" in inputs:
+        context.targets = student.prepare_targets(batched_inputs, sizes)
+    if "matching" in inputs:
+        context.student_matching = _matching(
+            student.criterion.matcher, _final_layer(student_outputs), context.targets
+        )
+        t_final = _final_layer(teacher_outputs)
+        t_final["pred_logits"] = teacher.map_logits(t_final["pred_logits"])
+        context.teacher_matching = _matching(
+            teacher.model.criterion.matcher, t_final, context.targets
+        )
+    return context

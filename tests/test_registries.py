@@ -1,0 +1,93 @@
+# Copyright (c) kd_detr contributors.
+"""``import kd_detr`` registers every plug-in explicitly, and each registry's build function
+names the valid choices when the config asks for an unknown one."""
+import os
+import tempfile
+import unittest
+
+from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, build_model
+
+import kd_detr
+from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, HF_CONVERTERS
+from kd_detr.config import CONFIG_EXTENSION_REGISTRY, load_config
+from kd_detr.data import DATASET_SOURCE_REGISTRY, TRAIN_LOADER_REGISTRY, build_train_loader
+from kd_detr.distill import KD_LOSS_REGISTRY, KD_PAIRING_REGISTRY
+from kd_detr.evaluation import EVALUATOR_REGISTRY, build_evaluator
+from kd_detr.modeling import CLASS_HEAD_REGISTRY
+from kd_detr.utils import NamedRegistry, cache_root
+
+from .common import REPO_ROOT
+
+
+class TestRegistrations(unittest.TestCase):
+    def test_import_kd_detr_registers_everything(self):
+        self.assertEqual(CONFIG_EXTENSION_REGISTRY.names(), ["modeling", "distill", "ov", "engine"])
+        self.assertEqual(set(EVALUATOR_REGISTRY.names()), {"coco", "coco_ovd", "lvis"})
+        self.assertEqual(
+            set(DATASET_SOURCE_REGISTRY.names()), {"KD_DEMO", "COCO_JSON", "VOC", "COCO_OVD"}
+        )
+        self.assertEqual(set(TRAIN_LOADER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
+        self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
+        self.assertIn("KDDETRLoss", KD_LOSS_REGISTRY)
+        self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 4)
+        for arch in ("DETR", "DABDETR", "DeformableDETR", "DINO", "ViLDRCNN"):
+            self.assertIn(arch, META_ARCH_REGISTRY)
+        self.assertIn("ViLDROIHeads", ROI_HEADS_REGISTRY)
+        self.assertTrue({"hf", "detr", "dab_detr", "detrex"} <= set(CHECKPOINT_CONVERTERS))
+        self.assertEqual(set(HF_CONVERTERS), {"detr", "dab-detr", "deformable_detr"})
+        self.assertTrue(hasattr(kd_detr, "load_config"))
+
+    def test_named_registry(self):
+        registry = NamedRegistry("THING")
+
+        @registry.register(name="a")
+        def build_a():
+            return 1
+
+        registry.register(build_a, name="b")
+        self.assertEqual(registry.names(), ["a", "b"])
+        self.assertIs(registry.get("b"), build_a)
+        with self.assertRaisesRegex(KeyError, "'c' in the THING registry; registered: a, b"):
+            registry.get("c")
+        with self.assertRaises(AssertionError):
+            registry.register(build_a, name="a")
+
+    def test_unknown_choices_name_the_valid_ones(self):
+        cfg = load_config(freeze=False)
+        cfg.TEST.EVALUATOR = "voc"
+        with self.assertRaisesRegex(ValueError, "'voc'; valid names: coco, coco_ovd, lvis"):
+            build_evaluator(cfg, "kd_demo_val")
+        cfg = load_config(
+            os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml"),
+            ["MODEL.DETR.CLASS_HEAD", "mlp", "DATASETS.TRAIN", "()"],
+        )
+        with self.assertRaisesRegex(ValueError, "MODEL.DETR.CLASS_HEAD 'mlp'; registered: linear"):
+            build_model(cfg)
+
+    def test_two_training_loaders_cannot_be_combined(self):
+        TRAIN_LOADER_REGISTRY.register(lambda cfg: object(), name="TEST_ALWAYS")
+        try:
+            cfg = load_config(
+                os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite0_demo.yaml"),
+                ["INPUT.DETR_CROP.ENABLED", "True", "DATALOADER.NUM_WORKERS", "0"],
+            )
+            with self.assertRaisesRegex(ValueError, "several training loaders \\(DETR_CROP, TEST_"):
+                build_train_loader(cfg)
+        finally:
+            TRAIN_LOADER_REGISTRY._obj_map.pop("TEST_ALWAYS")
+
+    def test_cache_root(self):
+        saved = os.environ.get("KD_DETR_DATA")
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                os.environ["KD_DETR_DATA"] = tmp
+                self.assertEqual(cache_root("teachers"), os.path.join(tmp, "teachers"))
+            os.environ["KD_DETR_DATA"] = ""
+            self.assertEqual(
+                cache_root(), os.path.join(os.path.expanduser("~"), ".cache", "kd_detr")
+            )
+        finally:
+            if saved is None:
+                os.environ.pop("KD_DETR_DATA", None)
+            else:
+                os.environ["KD_DETR_DATA"] = saved

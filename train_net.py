@@ -9,20 +9,28 @@
 """
 import time
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
 from kd_detr.config import load_config
-from kd_detr.engine import KDTrainer, Trainer, launch, write_metrics_json
+from kd_detr.engine import (
+    KDTrainer,
+    Trainer,
+    launch,
+    load_for_evaluation,
+    preflight_check,
+    write_metrics_json,
+)
 from kd_detr.modeling.num_classes import check_num_classes
 
 
 def setup(args):
     """Build the frozen config (Detectron2 defaults + kd_detr keys + file + command line, its
-    datasets registered) and check the model's class count against the training data."""
+    datasets registered), check the model's class count against the training data and the run's
+    inputs (``preflight_check``: solver, OUTPUT_DIR, dataset and evaluator names, image files)."""
     cfg = load_config(args.config_file, args.opts)
     check_num_classes(cfg)
+    preflight_check(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)
     return cfg
 
@@ -31,9 +39,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        load_for_evaluation(cfg, model, resume=args.resume)
         results = Trainer.test(cfg, model)
         write_metrics_json(cfg, results, {"mode": "eval_only", "weights": cfg.MODEL.WEIGHTS})
         return results

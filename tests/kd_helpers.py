@@ -8,7 +8,6 @@ import os
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from detectron2.utils import comm
@@ -39,8 +38,9 @@ def save_teacher(
     torch.manual_seed(seed)
     model = build_model(config_from(config_file, *TINY_OPTS, *opts))
     perturb_box_heads(box_heads(model) if box_heads else [model.bbox_embed])
-    DetectionCheckpointer(model, save_dir=directory).save(name)
-    return os.path.join(directory, f"{name}.pth")
+    path = os.path.join(directory, f"{name}.pth")
+    torch.save({"model": model.state_dict()}, path)  # no last_checkpoint: not a run's folder
+    return path
 
 
 def kd_cfg(output_dir, teacher_weights, *opts):

@@ -4,6 +4,7 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import math
 import uuid
 from collections import defaultdict
@@ -288,14 +289,33 @@ def test_synthetic_perfect_predictions_and_class_mapping():
     assert evaluator.evaluate()["bbox"]["AP"] == pytest.approx(0.0)
 
 
+@contextlib.contextmanager
+def assert_logs_warning(logger_name, text):
+    """The block logs a WARNING on ``logger_name`` containing ``text``."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    log = logging.getLogger(logger_name)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+    assert any(text in r.getMessage() for r in records), [r.getMessage() for r in records]
+
+
 def test_empty_predictions():
     name, boxes = _register_synthetic()
     evaluator = FastCOCOEvaluator(name)
     assert evaluator.evaluate() == {}  # nothing processed: warn and return nothing, like d2
     for image_id in boxes:
         evaluator.process([{"image_id": image_id}], [{"instances": _instances([], [], [])}])
-    bbox = evaluator.evaluate()["bbox"]
-    assert set(bbox) == set(BOX_STAT_NAMES[:6]) and all(math.isnan(v) for v in bbox.values())
+    with assert_logs_warning("kd_detr.evaluation.coco_evaluation", "made no detection"):
+        bbox = evaluator.evaluate()["bbox"]
+    # Zero detections: 0 where the dataset has ground truth (not NaN), per class too.
+    assert set(BOX_STAT_NAMES[:6]) <= set(bbox)
+    assert bbox["AP"] == 0.0 and bbox["AP50"] == 0.0 and bbox["AP75"] == 0.0
+    assert bbox["AP-cat3"] == 0.0 and bbox["AP-cat7"] == 0.0
     # The helper accepts no detections too: zero AP/AR where ground truth exists.
     coco = {
         "images": [{"id": 1, "width": 50, "height": 50}],

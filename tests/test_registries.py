@@ -10,7 +10,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, ROI_HEADS_REGISTRY, build_mo
 import kd_detr
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, HF_CONVERTERS
 from kd_detr.config import CONFIG_EXTENSION_REGISTRY, load_config
-from kd_detr.data import DATASET_SOURCE_REGISTRY, TRAIN_LOADER_REGISTRY, build_train_loader
+from kd_detr.data import DATASET_SOURCE_REGISTRY, TRAIN_MAPPER_REGISTRY, build_train_mapper
 from kd_detr.distill import KD_LOSS_REGISTRY, KD_PAIRING_REGISTRY
 from kd_detr.evaluation import EVALUATOR_REGISTRY, build_evaluator
 from kd_detr.modeling import CLASS_HEAD_REGISTRY
@@ -26,7 +26,7 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(
             set(DATASET_SOURCE_REGISTRY.names()), {"KD_DEMO", "COCO_JSON", "VOC", "COCO_OVD"}
         )
-        self.assertEqual(set(TRAIN_LOADER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
+        self.assertEqual(set(TRAIN_MAPPER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
         self.assertIn("KDDETRLoss", KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 4)
@@ -64,17 +64,17 @@ class TestRegistrations(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "MODEL.DETR.CLASS_HEAD 'mlp'; registered: linear"):
             build_model(cfg)
 
-    def test_two_training_loaders_cannot_be_combined(self):
-        TRAIN_LOADER_REGISTRY.register(lambda cfg: object(), name="TEST_ALWAYS")
+    def test_two_training_mappers_cannot_be_combined(self):
+        TRAIN_MAPPER_REGISTRY.register(lambda cfg: object(), name="TEST_ALWAYS")
         try:
             cfg = load_config(
                 os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite0_demo.yaml"),
                 ["INPUT.DETR_CROP.ENABLED", "True", "DATALOADER.NUM_WORKERS", "0"],
             )
-            with self.assertRaisesRegex(ValueError, "several training loaders \\(DETR_CROP, TEST_"):
-                build_train_loader(cfg)
+            with self.assertRaisesRegex(ValueError, "several training mappers \\(DETR_CROP, TEST_"):
+                build_train_mapper(cfg)
         finally:
-            TRAIN_LOADER_REGISTRY._obj_map.pop("TEST_ALWAYS")
+            TRAIN_MAPPER_REGISTRY._obj_map.pop("TEST_ALWAYS")
 
     def test_cache_root(self):
         saved = os.environ.get("KD_DETR_DATA")

@@ -22,6 +22,7 @@ Config overrides go last: --opts KEY VALUE ...
 import argparse
 import logging
 import os
+import socket
 import sys
 import tempfile
 from typing import Dict, List
@@ -83,12 +84,42 @@ def resolve_vocabulary(args):
 
     if args.clip_model_config:
         open_clip.add_model_config(args.clip_model_config)
-    model = open_clip.create_model(args.clip_model, pretrained=args.clip_pretrained or None)
+    model = _create_clip_model(open_clip, args.clip_model, args.clip_pretrained)
     tokenizer = open_clip.get_tokenizer(args.clip_model)
     emb = encode_class_names(
         model.eval(), tokenizer, [[n] for n in names], PROMPT_TEMPLATES[args.templates]
     )
     return names, emb
+
+
+def _hub_unreachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return False
+    except OSError:
+        return True
+
+
+def _create_clip_model(open_clip, name: str, pretrained: str):
+    """``open_clip.create_model``; without a network, only cached weights are tried (instead of
+    retrying the hub for a minute) and a missing file says how to pass the embeddings instead."""
+    remote = pretrained and not os.path.isfile(pretrained)
+    if remote and _hub_unreachable():
+        import huggingface_hub.constants
+
+        huggingface_hub.constants.HF_HUB_OFFLINE = True  # cache only, fail at once
+    try:
+        return open_clip.create_model(name, pretrained=pretrained or None)
+    except Exception as e:
+        if not remote:
+            raise
+        raise SystemExit(
+            f"Cannot load the CLIP weights {name} / {pretrained!r} ({type(e).__name__}: "
+            f"{str(e)[:200]}): they are not cached here and the hub cannot be reached. Pass the "
+            "class text embeddings instead: --text-embeddings FILE.npy (made with "
+            "tools/build_text_embeddings.py where the weights exist), or --clip-pretrained "
+            "path/to/weights.bin."
+        ) from e
 
 
 def _vocabulary_overrides(cfg, args, num_classes: int) -> List[str]:

@@ -18,9 +18,16 @@ from .hf_detr import (
     hf_detr_config_mismatches,
     read_hf_folder,
 )
+from .load_policy import HEAD_KEY_PATTERNS, loaded_keys, resume_load_policy, weights_load_policy
 from .registry import (
     CHECKPOINT_CONVERTERS,
     HF_CONVERTERS,
     register_checkpoint_converter,
     register_hf_converter,
+)
+from .safe_checkpointer import (
+    SafeCheckpointer,
+    atomic_torch_save,
+    atomic_write_text,
+    is_readable_checkpoint,
 )

@@ -6,7 +6,14 @@ __all__ = ["add_data_config"]
 
 
 def add_data_config(cfg):
-    """Add ``DATASETS.{KD_DEMO, COCO_JSON, VOC}`` and ``INPUT.DETR_CROP`` in place."""
+    """Add ``DATASETS.{KD_DEMO, COCO_JSON, VOC}``, ``INPUT.DETR_CROP`` and
+    ``DATALOADER.ON_BAD_IMAGE`` in place."""
+    # An image that cannot be read or decoded: "error" stops with the file named; "skip" skips
+    # it in training with a warning naming the file and the count (evaluation always stops).
+    cfg.DATALOADER.ON_BAD_IMAGE = "error"
+    # Before training / evaluation, check the datasets' image files: every file exists and the
+    # headers of up to 2,000 images per dataset match the annotated width / height.
+    cfg.DATALOADER.CHECK_IMAGES = True
     # Built-in synthetic demo dataset, registered as "kd_demo_train" / "kd_demo_val". Images are
     # generated deterministically on first use into DATASETS.KD_DEMO.ROOT.
     cfg.DATASETS.KD_DEMO = CN()

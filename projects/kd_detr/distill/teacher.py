@@ -13,12 +13,13 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
+from ..checkpoint import SafeCheckpointer
 from ..config import load_config
+from ..data import register_from_config
 from ..modeling.num_classes import num_classes_key
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .losses import final_layer_targets
@@ -223,7 +224,7 @@ def load_teacher_weights(model: nn.Module, weights: str, config_file: str = "") 
             "MODEL.KD.TEACHER.WEIGHTS is empty: distillation needs a trained teacher checkpoint "
             f"for {where} (e.g. MODEL.KD.TEACHER.WEIGHTS path/to/teacher.pth)."
         )
-    checkpointer = DetectionCheckpointer(model)
+    checkpointer = SafeCheckpointer(model)
     local = checkpointer.path_manager.get_local_path(weights)
     if not os.path.isfile(local):
         raise FileNotFoundError(
@@ -266,7 +267,8 @@ def build_teacher(cfg) -> Teacher:
     """Build, load and freeze the teacher of a KD config.
 
     The teacher config is ``load_config(MODEL.KD.TEACHER.CONFIG_FILE, MODEL.KD.TEACHER.OPTS)``
-    (without registering its datasets), built on the student's ``MODEL.DEVICE`` and loaded from
+    (its datasets registered, except the built-in demo ones), built on the student's
+    ``MODEL.DEVICE`` and loaded from
     ``MODEL.KD.TEACHER.WEIGHTS``.
 
     Raises:
@@ -283,14 +285,21 @@ def build_teacher(cfg) -> Teacher:
             f"Teacher config {config_file!r} (MODEL.KD.TEACHER.CONFIG_FILE) not found."
         )
     overrides = ["MODEL.DEVICE", cfg.MODEL.DEVICE, "MODEL.KD.ENABLED", "False"]
-    # The student's config registered the datasets; registering the teacher's would re-register
-    # the built-in demo names with the teacher's DATASETS.KD_DEMO settings.
+    # The teacher's datasets give its class names; the built-in demo names are not re-registered
+    # (their classes never change, their images are the student's).
     teacher_cfg = load_config(
         config_file, list(kd.TEACHER.OPTS) + overrides, register_datasets=False
     )
+    register_from_config(teacher_cfg, skip=("KD_DEMO",))
     class_index = teacher_class_index(cfg, teacher_cfg, config_file)
     flip = _channel_flip(cfg.INPUT.FORMAT, teacher_cfg.INPUT.FORMAT, config_file)
-    model = build_model(teacher_cfg)
+    try:
+        model = build_model(teacher_cfg)
+    except ValueError as e:  # e.g. the class-count check, which names only a key
+        raise ValueError(
+            f"Building the teacher from its config failed (MODEL.KD.TEACHER.CONFIG_FILE "
+            f"{config_file!r} + MODEL.KD.TEACHER.OPTS {list(kd.TEACHER.OPTS)}): {e}"
+        ) from e
     student_focal = cfg.MODEL.DETR.USE_FOCAL_LOSS
     if getattr(model, "use_focal", None) != student_focal:
         kind = {True: "sigmoid (focal)", False: "softmax"}

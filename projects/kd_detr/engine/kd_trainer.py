@@ -30,6 +30,7 @@ from detectron2.utils import comm
 from ..distill import (
     KDPairing,
     Teacher,
+    TeacherFingerprint,
     build_kd_context,
     build_kd_losses,
     build_pairing,
@@ -219,6 +220,10 @@ class KDTrainer(Trainer):
         if kd.INIT_STUDENT_FROM_TEACHER:
             init_student_from_teacher(unwrap(self.model), self.teacher.model)
         self.checkpointer.add_checkpointable("kd_losses", self.kd_losses)
+        self.checkpointer.add_checkpointable(
+            "kd_teacher",
+            TeacherFingerprint(self.teacher.cfg, kd.TEACHER.CONFIG_FILE, kd.TEACHER.WEIGHTS),
+        )
 
     def _build_inner_trainer(self, cfg, model, data_loader, optimizer, amp: bool, **kwargs):
         params = [p for p in self.kd_losses.parameters() if p.requires_grad]

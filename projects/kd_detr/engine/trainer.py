@@ -7,9 +7,11 @@ import os
 from detectron2.engine import DefaultTrainer
 from detectron2.utils import comm
 
+from ..checkpoint import resume_load_policy, weights_load_policy
 from ..compat.ddp import patch_detectron2_create_ddp_model
-from ..data import build_train_loader
+from ..data import build_test_loader, build_train_loader
 from ..evaluation import build_evaluator
+from .checkpointing import check_output_dir_is_free, safe_checkpointer_in_default_trainer
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "write_metrics_json"]
@@ -19,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with kd_detr's optimizer (AdamW/SGD, lr multipliers, full-model clipping),
-    training loaders (``TRAIN_LOADER_REGISTRY``: DETR crop, ...) and evaluators
+    training mappers (``TRAIN_MAPPER_REGISTRY``: DETR crop, ...) and evaluators
     (``cfg.TEST.EVALUATOR`` in ``EVALUATOR_REGISTRY``).
 
     Multi-process runs on CPU wrap the model in DDP without ``device_ids`` (see
@@ -28,8 +30,25 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        with patch_detectron2_create_ddp_model():
+        with patch_detectron2_create_ddp_model(), safe_checkpointer_in_default_trainer():
             super().__init__(cfg)
+
+    def resume_or_load(self, resume=True):
+        """DefaultTrainer's, with kd_detr's guards: a fresh run never overwrites another run's
+        checkpoints (``check_output_dir_is_free``); ``--resume`` needs a checkpoint of this very
+        model; ``MODEL.WEIGHTS`` must fill the model (``MODEL.WEIGHTS_MIN_LOADED_PERCENT``)."""
+        checkpointer = self.checkpointer
+        if resume and checkpointer.has_checkpoint():
+            checkpointer.load_policy = resume_load_policy(checkpointer.model, self.cfg.OUTPUT_DIR)
+        else:
+            check_output_dir_is_free(self.cfg)
+            checkpointer.load_policy = weights_load_policy(
+                checkpointer.model, min_loaded=self.cfg.MODEL.WEIGHTS_MIN_LOADED_PERCENT / 100.0
+            )
+        try:
+            super().resume_or_load(resume=resume)
+        finally:
+            checkpointer.load_policy = None
 
     # Detectron2 v0.6's DefaultTrainer checkpoints only the iteration and hook states; later
     # versions also save the inner trainer's (optimizer, AMP grad scaler) under "_trainer".
@@ -50,9 +69,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """The config's training loader (``kd_detr.data.build_train_loader``: DETR crop, ViLD
-        regions, ... from ``TRAIN_LOADER_REGISTRY``, else Detectron2's)."""
+        """The config's training loader (``kd_detr.data.build_train_loader``: the mapper of
+        ``TRAIN_MAPPER_REGISTRY`` whose switch is on, DETR crop, ViLD regions, ..., else
+        Detectron2's; unreadable images follow ``DATALOADER.ON_BAD_IMAGE``)."""
         return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader; an unreadable image stops with the file named."""
+        return build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

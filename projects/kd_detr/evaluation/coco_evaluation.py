@@ -371,14 +371,16 @@ class FastCOCOEvaluator(DatasetEvaluator):
             return OrderedDict()
 
         if len(coco_results) == 0:
-            logger.warning("No predictions from the model!")
-            metrics = {name: float("nan") for name in BOX_STAT_NAMES[:6]}
+            logger.warning(
+                f"The model made no detection on {self._dataset_name}: every AP with ground truth "
+                "is 0 (NaN only where the dataset defines none, e.g. APl without large objects)."
+            )
         else:
             logger.info(f"Evaluating {len(coco_results)} boxes with faster-coco-eval ...")
-            self.last_result = evaluate_coco_boxes(
-                self._coco_api, coco_results, img_ids=img_ids, max_dets=self._max_dets
-            )
-            metrics = self._derive_results(self.last_result)
+        self.last_result = evaluate_coco_boxes(
+            self._coco_api, coco_results, img_ids=img_ids, max_dets=self._max_dets
+        )
+        metrics = self._derive_results(self.last_result)
         return OrderedDict({"bbox": copy.deepcopy(metrics)})
 
     def _to_dataset_ids(self, coco_results) -> List[dict]:

@@ -1,7 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """Open-vocabulary detection: class text embeddings, a region-text classifier, ViLD ROI heads,
 COCO-OVD and LVIS. A plug-in layer: importing it registers its config keys, the ``region_text``
-class head, the ``COCO_OVD`` dataset source, the ``VILD_REGIONS`` training loader, the
+class head, the ``COCO_OVD`` dataset source, the ``VILD_REGIONS`` training mapper, the
 ``coco_ovd`` / ``lvis`` evaluators and the ViLD meta-architecture / ROI heads."""
 from .coco_ovd import (
     COCO_OVD_BASE_IDS,
@@ -34,7 +34,7 @@ from .text_embeddings import (
     read_names_file,
     read_sidecar,
 )
-from .vild_data import ViLDDatasetMapper, build_vild_train_loader
+from .vild_data import ViLDDatasetMapper, build_vild_train_mapper
 from .vild_output_layers import ViLDOutputLayers, vild_ensemble
 from .vild_rcnn import ViLDRCNN
 from .vild_roi_heads import ViLDROIHeads, vild_image_loss

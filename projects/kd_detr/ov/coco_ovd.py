@@ -20,7 +20,6 @@ from ..evaluation import EVALUATOR_REGISTRY
 from ..evaluation.coco_evaluation import (
     COCOBoxEvalResult,
     FastCOCOEvaluator,
-    evaluate_coco_boxes,
 )
 
 __all__ = [
@@ -151,16 +150,6 @@ class COCOOVDEvaluator(FastCOCOEvaluator):
     When the model detects nothing at all, every metric is 0 where there is ground truth (not
     Detectron2's NaN), so a collapsed model still reports novel / base / all AP50.
     """
-
-    def evaluate(self, img_ids=None):
-        results = super().evaluate(img_ids)
-        bbox = results.get("bbox") if results else None
-        if bbox is not None and "AP50-all" not in bbox:  # processed images, zero detections
-            self.last_result = evaluate_coco_boxes(
-                self._coco_api, [], img_ids=img_ids, max_dets=self._max_dets
-            )
-            results["bbox"] = self._derive_results(self.last_result)
-        return results
 
     def _derive_results(self, result: COCOBoxEvalResult) -> Dict[str, float]:
         metrics = super()._derive_results(result)

@@ -223,7 +223,18 @@ def load_text_embeddings(
         arr = torch.load(path, map_location="cpu", weights_only=True)
         arr = arr.detach().float().numpy() if torch.is_tensor(arr) else np.asarray(arr)
     else:
-        arr = np.load(path, allow_pickle=False)
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as e:  # numpy: "Object arrays cannot be loaded when allow_pickle=False"
+            raise ValueError(
+                f"Text embeddings {path} are not a numeric array (.npy of floats): {e}. Save a "
+                "(classes, dim) float array, e.g. with tools/build_text_embeddings.py"
+            ) from e
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.number):
+        raise ValueError(
+            f"Text embeddings {path} must hold a numeric (classes, dim) array, got "
+            f"{type(arr).__name__} of dtype {getattr(arr, 'dtype', None)}"
+        )
     if arr.ndim != 2:
         raise ValueError(f"Text embeddings {path} must be a (classes, dim) array, got {arr.shape}")
     emb = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
@@ -245,6 +256,13 @@ def load_text_embeddings(
             f"Text embeddings {path} have dimension {dim} but the model expects "
             f"{expected_dim} (MODEL.OV.EMBED_DIM): set MODEL.OV.EMBED_DIM={dim}, or rebuild "
             "the embeddings with the text encoder of the CLIP model the detector is paired with"
+        )
+    finite = torch.isfinite(emb).all(dim=1)
+    if not torch.all(finite):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        raise ValueError(
+            f"Text embeddings {path} have NaN or infinite values in rows {bad[:10]} "
+            f"({len(bad)} rows): rebuild them (tools/build_text_embeddings.py)"
         )
     norms = emb.norm(dim=1)
     if not torch.all(norms > 0):

@@ -4,15 +4,15 @@ import numpy as np
 import torch
 
 from detectron2.config import configurable
-from detectron2.data import DatasetMapper, build_detection_train_loader
+from detectron2.data import DatasetMapper
 from detectron2.structures import Boxes, Instances
 
-from ..data import TRAIN_LOADER_REGISTRY
+from ..data import TRAIN_MAPPER_REGISTRY
 from ..utils import expand_data_path
 from .clip_regions import ClipRegionCache
 from .vild_config import vild_uses_clip_regions
 
-__all__ = ["ViLDDatasetMapper", "build_vild_train_loader"]
+__all__ = ["ViLDDatasetMapper", "build_vild_train_mapper"]
 
 
 class ViLDDatasetMapper(DatasetMapper):
@@ -87,10 +87,10 @@ class ViLDDatasetMapper(DatasetMapper):
         dataset_dict["distill_regions"] = regions
 
 
-@TRAIN_LOADER_REGISTRY.register(name="VILD_REGIONS")
-def build_vild_train_loader(cfg):
-    """Detectron2's train loader with :class:`ViLDDatasetMapper` when the config distils cached
-    CLIP regions (ViLD-image or RegionCLIP), else None."""
+@TRAIN_MAPPER_REGISTRY.register(name="VILD_REGIONS")
+def build_vild_train_mapper(cfg):
+    """:class:`ViLDDatasetMapper` when the config distils cached CLIP regions (ViLD-image or
+    RegionCLIP), else None."""
     if not vild_uses_clip_regions(cfg):
         return None
-    return build_detection_train_loader(cfg, mapper=ViLDDatasetMapper(cfg, True))
+    return ViLDDatasetMapper(cfg, True)

@@ -14,6 +14,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 from .catalog import absolute_path, already_registered
+from .coco_checks import box_problems, read_coco_categories, unknown_category_annotations
 from .registry import DATASET_SOURCE_REGISTRY, split_config_entry
 
 __all__ = ["register_coco_json", "load_coco_json_checked", "register_coco_json_from_config"]
@@ -45,17 +46,30 @@ def _check_coco_json(json_file):
         raise ValueError(f"{json_file}: 'categories' is empty")
 
 
-def _drop_degenerate_boxes(dataset_dicts, json_file):
-    num_dropped = 0
+def _drop_bad_boxes(dataset_dicts, json_file):
+    """Drop boxes with a non-finite coordinate or a zero / negative side (one warning per kind,
+    naming the file and the count); warn about boxes extending beyond their image."""
+    non_finite = degenerate = outside = 0
     for record in dataset_dicts:
-        annotations = record.get("annotations", [])
-        kept = [a for a in annotations if "bbox" not in a or min(a["bbox"][2:4]) > 0]
-        num_dropped += len(annotations) - len(kept)
+        kept, bad_values, bad_sides, beyond = box_problems(record)
         record["annotations"] = kept
-    if num_dropped:
+        non_finite, degenerate, outside = (
+            non_finite + bad_values, degenerate + bad_sides, outside + beyond
+        )
+    if non_finite:
         logger.warning(
-            f"{json_file}: dropped {num_dropped} annotation(s) whose box has zero or negative "
+            f"{json_file}: dropped {non_finite} annotation(s) whose box has a NaN or infinite "
+            "coordinate."
+        )
+    if degenerate:
+        logger.warning(
+            f"{json_file}: dropped {degenerate} annotation(s) whose box has zero or negative "
             "width or height."
+        )
+    if outside:
+        logger.warning(
+            f"{json_file}: {outside} box(es) extend beyond their image; training clips them, "
+            "evaluation counts them as ground truth as they are."
         )
     return dataset_dicts
 
@@ -80,6 +94,16 @@ def load_coco_json_checked(json_file, image_root, dataset_name=None):
         raise FileNotFoundError(f"COCO json file not found: {json_file}")
     try:
         dataset_dicts = load_coco_json(json_file, image_root, dataset_name)
+    except KeyError as e:
+        unknown = unknown_category_annotations(json_file)
+        if not unknown:
+            raise
+        shown = ", ".join(f"annotation {a} (category_id {c})" for a, c in unknown[:5])
+        raise ValueError(
+            f"{json_file}: {len(unknown)} annotation(s) name a category_id missing from "
+            f"'categories': {shown}{', ...' if len(unknown) > 5 else ''}. Add the categories or "
+            "remove the annotations."
+        ) from e
     except Exception:
         _check_coco_json(json_file)  # a clearer error than pycocotools' when the json is malformed
         raise
@@ -87,11 +111,12 @@ def load_coco_json_checked(json_file, image_root, dataset_name=None):
     # only then parse the file a second time, to name what is missing.
     if not dataset_dicts or not any(record["annotations"] for record in dataset_dicts):
         _check_coco_json(json_file)
-    return _drop_degenerate_boxes(dataset_dicts, json_file)
+    return _drop_bad_boxes(dataset_dicts, json_file)
 
 
 def register_coco_json(name, json_file, image_root, *, metadata=None):
-    """Register a COCO-format json dataset under ``name`` (the json is read lazily, on first use).
+    """Register a COCO-format json dataset under ``name``: its categories are read now
+    (``thing_classes``), the rest of the json lazily, on first use.
 
     Registering the same name again with the same files is a no-op; with other files, an error.
     Images without annotations are kept; whether training drops them is decided by
@@ -112,9 +137,17 @@ def register_coco_json(name, json_file, image_root, *, metadata=None):
         raise FileNotFoundError(f"Image directory for dataset {name!r} not found: {image_root}")
     if already_registered(name, json_file=json_file, image_root=image_root):
         return
+    # The classes are read now (the json's "categories" only), so class-count checks work
+    # before the dataset is loaded.
+    classes, id_map = read_coco_categories(json_file)
     DatasetCatalog.register(name, lambda: load_coco_json_checked(json_file, image_root, name))
     MetadataCatalog.get(name).set(
-        json_file=json_file, image_root=image_root, evaluator_type="coco", **(metadata or {})
+        json_file=json_file,
+        image_root=image_root,
+        evaluator_type="coco",
+        thing_classes=classes,
+        thing_dataset_id_to_contiguous_id=id_map,
+        **(metadata or {}),
     )
 
 

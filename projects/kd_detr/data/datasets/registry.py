@@ -1,6 +1,6 @@
 # Copyright (c) kd_detr contributors.
 """``DATASET_SOURCE_REGISTRY``: datasets registered from a config, and ``register_from_config``."""
-from typing import List
+from typing import List, Sequence
 
 from ...utils import NamedRegistry
 
@@ -17,16 +17,18 @@ config's settings (the demo datasets) are not returned.
 """
 
 
-def register_from_config(cfg) -> List[str]:
+def register_from_config(cfg, skip: Sequence[str] = ()) -> List[str]:
     """Register every dataset the config lists, calling each source of
-    ``DATASET_SOURCE_REGISTRY`` in registration order; calling it twice is harmless.
+    ``DATASET_SOURCE_REGISTRY`` in registration order (except those named in ``skip``); calling
+    it twice is harmless.
 
     Returns:
         list[str]: the names of all datasets listed in the config.
     """
     names = []
-    for _, register in DATASET_SOURCE_REGISTRY:
-        names += register(cfg)
+    for name, register in DATASET_SOURCE_REGISTRY:
+        if name not in skip:
+            names += register(cfg)
     return names
 
 

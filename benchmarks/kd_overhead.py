@@ -22,7 +22,11 @@ Printed on their own lines:
                  method cannot avoid; time_ratio / bound_ratio <= 1.10 is the goal
   memory_ratio = KD peak RSS growth / student peak RSS growth (goal <= 1.5)
 
+``--group-checkpoint`` turns on ``MODEL.DETR.GROUP_CHECKPOINT`` for the student: the point
+groups' decoder activations are recomputed in the backward pass instead of kept.
+
 Usage: python benchmarks/kd_overhead.py [--steps 5] [--warmup 2] [--threads N] [--size 512]
+           [--group-checkpoint]
 """
 import argparse
 import json
@@ -51,7 +55,7 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_cfg(teacher_weights, group_decoding, num_points=300):
+def build_cfg(teacher_weights, group_decoding, num_points=300, group_checkpoint=False):
     from kd_detr.config import load_config
 
     no_pretrained = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
@@ -64,6 +68,7 @@ def build_cfg(teacher_weights, group_decoding, num_points=300):
             "MODEL.KD.TEACHER.WEIGHTS", teacher_weights,
             "MODEL.KD.GENERAL.NUM_POINTS", str(num_points),
             "SOLVER.IMS_PER_BATCH", "2",
+            "MODEL.DETR.GROUP_CHECKPOINT", str(group_checkpoint),
         ]
     )  # fmt: skip
     cfg.MODEL.KD.TEACHER.OPTS = no_pretrained + ["MODEL.DETR.GROUP_DECODING", group_decoding]
@@ -138,7 +143,7 @@ def worker(name, args):
 
     extra = {}
     decoding = "separate" if name == "kd_separate" else "masked"
-    cfg = build_cfg(args.teacher_weights, decoding)
+    cfg = build_cfg(args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint)
     data = batch(args.size)
     torch.manual_seed(0)
     student = build_model(cfg)
@@ -224,6 +229,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--json", default="", help="also write all measurements here")
+    parser.add_argument(
+        "--group-checkpoint", action="store_true", help="MODEL.DETR.GROUP_CHECKPOINT True"
+    )
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-weights", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -243,6 +251,7 @@ def main(argv=None):
                    "--teacher-weights", weights, "--steps", str(args.steps),
                    "--warmup", str(args.warmup), "--threads", str(args.threads),
                    "--size", str(args.size)]  # fmt: skip
+            cmd += ["--group-checkpoint"] if args.group_checkpoint else []
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not lines:

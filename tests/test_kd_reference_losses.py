@@ -57,7 +57,7 @@ def run_kd_demo_recipe(directory):
         "MODEL.KD.TEACHER.CONFIG_FILE", TEACHER_CONFIG,
         "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "0",
         "SOLVER.MAX_ITER", str(ITERATIONS), "SOLVER.CHECKPOINT_PERIOD", "100000",
-        "TEST.EVAL_PERIOD", "0", "SEED", "0", "OUTPUT_DIR", directory,
+        "TEST.EVAL_PERIOD", "0", "SEED", "0", "OUTPUT_DIR", os.path.join(directory, "run"),
     ]  # fmt: skip
     cfg = load_config(KD_RECIPE, opts)
     seed_all_rng(0)

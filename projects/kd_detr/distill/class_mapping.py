@@ -26,6 +26,11 @@ def _names(names: Sequence[str], teacher: Sequence[str]) -> str:
     return ", ".join(_suggest(n, teacher) for n in names)
 
 
+def _listed(names: Sequence[str], limit: int = 12) -> str:
+    more = f", ... ({len(names)} in all)" if len(names) > limit else ""
+    return "[" + ", ".join(names[:limit]) + more + "]"
+
+
 def _parse(entries: Sequence[str], student: Sequence[str], teacher: Sequence[str]):
     """(explicit {student: teacher}, by_name flag) from CLASS_MAPPING entries."""
     explicit, by_name = {}, False
@@ -92,7 +97,8 @@ def build_class_mapping(
         else:
             detail = f"the teacher has {len(set(teacher) - set(student))} extra classes"
         raise ValueError(
-            f"Teacher and student classes differ ({counts}; {detail}). Set {_KEY}, e.g. "
+            f"Teacher and student classes differ ({counts}; {detail}). Student classes: "
+            f"{_listed(student)}; teacher classes: {_listed(teacher)}. Set {_KEY}, e.g. "
             "['*'] to map every student class to the teacher class of the same name, plus "
             "'student_name:teacher_name' entries for classes named differently."
         )

@@ -95,6 +95,10 @@ def _add_detr_config(cfg):
     # detection queries: "separate" (one decoder pass per group) or "masked" (one pass over all
     # queries with a block-diagonal self-attention mask).
     cfg.MODEL.DETR.GROUP_DECODING = "separate"
+    # Training with extra query groups (distillation points): decode the groups in their own
+    # pass under activation checkpointing, so their decoder activations are recomputed in the
+    # backward pass instead of kept (less memory, one more forward of the groups per step).
+    cfg.MODEL.DETR.GROUP_CHECKPOINT = False
 
 
 def _add_dab_detr_config(cfg):

@@ -189,6 +189,13 @@ class DABDETR(DenoisingForwardMixin, DETR):
         boxes = (deltas + inverse_sigmoid(reference_boxes, self.inverse_sigmoid_eps)).sigmoid()
         return self.class_embed(hs), boxes
 
+    def _decode_all(self, encoded, sets, denoising=None):
+        """:meth:`decode` or, with denoising queries, :meth:`decode_with_denoising`, as
+        ``(per-set outputs, denoising outputs or None)``."""
+        if denoising is None:
+            return self.decode(encoded, sets), None
+        return self.decode_with_denoising(encoded, sets, denoising)
+
     def decode(self, encoded, queries: List[Tuple[torch.Tensor, torch.Tensor]]):
         """Decode query sets that do not attend to each other.
 
@@ -280,10 +287,7 @@ class DABDETR(DenoisingForwardMixin, DETR):
         bsz = encoded["memory"].shape[0]
         groups = self._parse_groups(extra_query_groups or [], bsz)
         sets = [self.detection_queries(bsz)] + groups
-        if denoising is None:
-            decoded, dn_decoded = self.decode(encoded, sets), None
-        else:
-            decoded, dn_decoded = self.decode_with_denoising(encoded, sets, denoising)
+        decoded, dn_decoded = self.decode_query_sets(self._decode_all, encoded, sets, denoising)
         per_set = []
         for hs, refs in decoded + ([dn_decoded] if dn_decoded else []):
             logits, boxes = self.predict(hs, refs)

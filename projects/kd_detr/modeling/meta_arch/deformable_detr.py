@@ -372,7 +372,8 @@ class DeformableDETR(DETR):
         groups = self._parse_groups(extra_query_groups or [], bsz)
         detection, enc_outputs = self._detection_queries(encoded)
         sets = [detection] + [self._group_queries(b, c) for b, c in groups]
-        per_set = [self.predict(*out) for out in self.decode(encoded, sets)]
+        decoded, _ = self.decode_query_sets(self._decode_all, encoded, sets)
+        per_set = [self.predict(*out) for out in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)
         if enc_outputs is not None:

@@ -6,6 +6,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
@@ -61,6 +62,7 @@ class DETR(nn.Module):
         position_temperature: float = 10000.0,
         test_topk: int = 100,
         group_decoding: str = "separate",
+        group_checkpoint: bool = False,
         class_head: Callable[[int, int, bool], nn.Module] = linear_class_head,
     ):
         """
@@ -78,6 +80,9 @@ class DETR(nn.Module):
             position_temperature: temperature of the sine positional encoding.
             test_topk: detections kept per image (0 = all queries).
             group_decoding: "separate" or "masked" (see ``MODEL.DETR.GROUP_DECODING``).
+            group_checkpoint: in training, decode the extra query groups in their own pass whose
+                decoder activations are recomputed in the backward pass instead of kept
+                (``MODEL.DETR.GROUP_CHECKPOINT``; less memory, one more group forward).
             class_head: ``make(d, C, use_focal)`` building the class head (d -> K logits, applied
                 to every decoder layer); default a linear layer. ``from_config`` takes it from
                 ``CLASS_HEAD_REGISTRY`` (``MODEL.DETR.CLASS_HEAD``).
@@ -97,6 +102,7 @@ class DETR(nn.Module):
         self.size_divisibility = max(size_divisibility, backbone.size_divisibility)
         self.test_topk = test_topk
         self.group_decoding = group_decoding
+        self.group_checkpoint = group_checkpoint
         self.use_focal = criterion.use_focal
         hidden_dim = transformer.d_model
         in_channels = backbone.output_shape()[in_feature].channels
@@ -151,6 +157,7 @@ class DETR(nn.Module):
             "position_temperature": d.POSITION_TEMPERATURE,
             "test_topk": d.TEST_TOPK,
             "group_decoding": d.GROUP_DECODING,
+            "group_checkpoint": d.GROUP_CHECKPOINT,
             "class_head": class_head_factory(cfg),
         }
 
@@ -278,6 +285,28 @@ class DETR(nn.Module):
         hs = self.transformer.decode(content, *args, pos, encoded["mask"], self_attn_mask=blocked)
         return list(hs.split(sizes, dim=2))
 
+    def _decode_all(self, encoded, sets, denoising=None):
+        """:meth:`decode` in the ``(per-set outputs, denoising outputs)`` form of
+        :meth:`decode_query_sets`."""
+        return self.decode(encoded, sets), None
+
+    def decode_query_sets(self, decode: Callable, encoded, sets: List, denoising=None):
+        """Decode the detection queries (``sets[0]``, with the optional denoising queries) and
+        the extra query groups (``sets[1:]``).
+
+        ``decode(encoded, sets, denoising) -> (per-set outputs, denoising outputs or None)``
+        decodes them all at once. With ``group_checkpoint`` in training (with gradients and
+        extra groups), the detection set is decoded first and the groups in a second call under
+        activation checkpointing: their decoder activations are recomputed in the backward pass
+        instead of kept (the detection outputs are those of a pass without groups).
+        """
+        grouped = self.group_checkpoint and self.training and len(sets) > 1
+        if not (grouped and torch.is_grad_enabled()):
+            return decode(encoded, sets, denoising)
+        first, dn = decode(encoded, sets[:1], denoising)
+        rest, _ = checkpoint(decode, encoded, sets[1:], None, use_reentrant=False)
+        return list(first) + list(rest), dn
+
     def predict(self, hs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Heads: (..., d) -> logits (..., K) and sigmoid cxcywh boxes (..., 4)."""
         return self.class_embed(hs), self.bbox_embed(hs).sigmoid()
@@ -347,7 +376,8 @@ class DETR(nn.Module):
         bsz = encoded["memory"].shape[0]
         groups = self._parse_groups(extra_query_groups or [], bsz)
         query_pos = self.query_embed.weight[None].expand(bsz, -1, -1)
-        hs_all = self.decode(encoded, [(torch.zeros_like(query_pos), query_pos)] + groups)
+        sets = [(torch.zeros_like(query_pos), query_pos)] + groups
+        hs_all, _ = self.decode_query_sets(self._decode_all, encoded, sets)
         per_set = []
         for hs in hs_all:
             logits, boxes = self.predict(hs)

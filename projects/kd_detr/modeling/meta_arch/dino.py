@@ -272,7 +272,7 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
         groups = self._parse_groups(extra_query_groups or [], bsz)
         detection, enc_outputs = self._detection_queries(encoded)
         sets = [detection] + [self._group_queries(b, c) for b, c in groups]
-        decoded, dn_decoded = self.decode(encoded, sets, denoising)
+        decoded, dn_decoded = self.decode_query_sets(self.decode, encoded, sets, denoising)
         per_set = [self.predict(hs, refs) for hs, refs in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)

@@ -29,7 +29,7 @@ def setup(args):
     datasets registered), check the model's class count against the training data and the run's
     inputs (``preflight_check``: solver, OUTPUT_DIR, dataset and evaluator names, image files)."""
     cfg = load_config(args.config_file, args.opts)
-    check_num_classes(cfg)
+    check_num_classes(cfg, test=True)
     preflight_check(cfg, eval_only=args.eval_only)
     default_setup(cfg, args)
     return cfg

@@ -2,10 +2,12 @@
 """Reliability of what runs read: unreadable / missing / mis-sized images, dataset and evaluator
 names checked before training, COCO-json classes known at registration (class checks, KD class
 lists), broken annotations and text embeddings named clearly."""
+import importlib.util
 import json
 import logging
 import os
 import tempfile
+import time
 import unittest
 
 import numpy as np
@@ -24,13 +26,22 @@ from kd_detr.engine import KDTrainer, preflight_check
 from kd_detr.modeling.num_classes import check_num_classes
 from kd_detr.ov import load_text_embeddings
 
-from .common import REPO_ROOT, TempDatasetsCase
+from .common import REPO_ROOT, TempDatasetsCase, require_module
 from .kd_helpers import TINY_OPTS, kd_cfg, save_teacher
 from .model_helpers import single_thread_module
 
 setUpModule, tearDownModule = single_thread_module()
 
 DEMO = os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite0_demo.yaml")
+OV_CONFIG = os.path.join(REPO_ROOT, "configs", "ov", "ov_dab_detr_efflite0_coco128_ovd.yaml")
+
+
+def _load_tool(name):
+    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"kd_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_coco(folder, classes, boxes=((0, [4, 4, 20, 20]),), num_images=2, size=48):
@@ -145,6 +156,18 @@ class TestCocoJsonClasses(TempDatasetsCase):
         with self.assertRaisesRegex(ValueError, "NUM_CLASSES is 3 but dataset 't_people' has 4"):
             check_num_classes(cfg)
 
+    def test_eval_on_a_dataset_of_other_classes_stops(self):
+        json_file, root = write_coco(os.path.join(self.tmp, "three"), ["a", "b", "c"])
+        self.names.append("t_three")
+        opts = ["DATASETS.COCO_JSON", f"['t_three,{json_file},{root}']", "DATASETS.TEST",
+                "('t_three',)"]  # fmt: skip
+        cfg = load_config(DEMO, opts)
+        check_num_classes(cfg)  # the training data (kd_demo_train) fits
+        with self.assertRaisesRegex(ValueError, "NUM_CLASSES is 4 but dataset 't_three' has 3"):
+            check_num_classes(cfg, test=True)
+        ov = load_config(DEMO, opts + ["MODEL.OV.TEXT_EMBEDDINGS", "vocabulary.npy"])
+        check_num_classes(ov, test=True)  # an open vocabulary may test on other classes
+
     def test_kd_teacher_with_other_classes_is_an_error_naming_both(self):
         self.names.append("t_people")
         teacher = save_teacher(self.tmp)
@@ -205,6 +228,21 @@ class TestBrokenAnnotations(TempDatasetsCase):
         message = "instances.json: 1 annotation.*annotation 1 \\(category_id 9\\)"
         with self.assertRaisesRegex(ValueError, message):
             DatasetCatalog.get("t_unknown_cat")
+
+
+class TestOVDemoWithoutWeights(unittest.TestCase):
+    def test_missing_clip_weights_fail_at_once_naming_text_embeddings(self):
+        demo = _load_tool("ov_demo")
+        if not demo._hub_unreachable():
+            self.skipTest("the Hugging Face hub is reachable here: the weights could download")
+        require_module("open_clip")
+        with tempfile.TemporaryDirectory() as tmp:
+            args = demo.parse_args(["--config-file", OV_CONFIG, "--weights", "w.pth", "--input",
+                                    "x.jpg", "--vocabulary", "cat,dog", "--output", tmp])
+            start = time.perf_counter()
+            with self.assertRaisesRegex(SystemExit, "not cached here.*--text-embeddings"):
+                demo.resolve_vocabulary(args)
+            self.assertLess(time.perf_counter() - start, 20.0)
 
 
 class TestTextEmbeddingErrors(unittest.TestCase):

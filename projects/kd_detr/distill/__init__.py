@@ -7,6 +7,7 @@ from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_gen
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
+from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
 from .fingerprint import TeacherFingerprint, file_sha256
 from .interface import DistillableDETR, check_distillable, missing_members
 from .losses import (

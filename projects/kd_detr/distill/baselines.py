@@ -61,7 +61,8 @@ def inconsistent_pairs(student: Dict, teacher: Dict) -> Pairs:
 
 def _matches(s_logits, s_boxes, t_logits, t_boxes, targets, matcher, teacher_matcher):
     """Per image: teacher query per paired object (n,), student query per layer and paired
-    object (L, n), and the matched query sets of every student layer and of the teacher."""
+    object (L, n), the matched query sets of every student layer and of the teacher, and the
+    paired objects' ground-truth indices (n,)."""
     t_idx = teacher_matcher({"pred_logits": t_logits, "pred_boxes": t_boxes}, targets)
     s_idx = [
         matcher({"pred_logits": s_logits[layer], "pred_boxes": s_boxes[layer]}, targets)
@@ -78,6 +79,7 @@ def _matches(s_logits, s_boxes, t_logits, t_boxes, targets, matcher, teacher_mat
                 [[s_map[g] for g in objects] for s_map in s_maps],
                 [set(s_map.values()) for s_map in s_maps],
                 set(t_map.values()),
+                objects,
             )
         )
     return per_image
@@ -106,7 +108,9 @@ def similar_foreground_pairs(
             ``matcher``.
 
     Returns:
-        tuple[dict, dict]: student (L, 1, N, .), teacher (1, N, .), N = matched objects.
+        tuple[dict, dict]: student (L, 1, N, .), teacher (1, N, .), N = matched objects; the
+        teacher dict also holds "gt_labels" (1, N), each pair's ground-truth class (-1 for the
+        background pairs of :func:`similar_general_pairs`).
     """
     return _pairs(student, teacher, targets, matcher, teacher_matcher, general=False)
 
@@ -143,7 +147,9 @@ def _pairs(student, teacher, targets, matcher, teacher_matcher, general: bool) -
         s_logits, s_boxes, t_logits, t_boxes, targets, matcher, teacher_matcher or matcher
     )
     s_rows, t_rows, s_extra, t_extra = [], [], [], []  # student (L, n, .), teacher (n, .)
-    for b, (t_query, s_query, s_used, t_used) in enumerate(matches):
+    labels, extra_labels = [], []  # ground-truth class per pair; -1 for the background pairs
+    for b, (t_query, s_query, s_used, t_used, objects) in enumerate(matches):
+        labels.append(targets[b]["labels"][torch.as_tensor(objects, dtype=torch.int64)].long())
         t_sel = torch.as_tensor(t_query, dtype=torch.int64, device=device)
         s_sel = torch.as_tensor(s_query, dtype=torch.int64, device=device).view(num_layers, -1)
         s_rows.append((s_logits[layers, b, s_sel], s_boxes[layers, b, s_sel]))
@@ -155,6 +161,7 @@ def _pairs(student, teacher, targets, matcher, teacher_matcher, general: bool) -
         if len(t_free) == 0 or any(len(free) == 0 for free in s_free):
             continue
         t_extra.append(tuple(t[b, t_free].mean(0, keepdim=True) for t in (t_logits, t_boxes)))
+        extra_labels.append(torch.full((1,), -1, dtype=torch.int64))
         s_extra.append(
             tuple(
                 torch.stack([s[lv, b, free].mean(0) for lv, free in enumerate(s_free)])[:, None]
@@ -170,5 +177,6 @@ def _pairs(student, teacher, targets, matcher, teacher_matcher, general: bool) -
         {
             "pred_logits": torch.cat([r[0] for r in t_rows])[None],
             "pred_boxes": torch.cat([r[1] for r in t_rows])[None],
+            "gt_labels": torch.cat(labels + extra_labels).to(device)[None],
         },
     )

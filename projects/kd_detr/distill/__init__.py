@@ -9,6 +9,7 @@ from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
 from .fingerprint import TeacherFingerprint, file_sha256
+from .fitnet import FitNetLoss, add_fitnet_config
 from .interface import DistillableDETR, check_distillable, missing_members
 from .losses import (
     KD_MODES,

@@ -19,6 +19,12 @@ Construction:
     ``@configurable`` ``__init__``: it reads its settings from ``cfg.MODEL.KD.*`` (plus model
     keys it documents) or from keyword arguments.
 
+Binding:
+    ``term.bind(student, teacher)`` is called once with both models before the term's parameters
+    join the optimizer: parameters that depend on the models' shapes (feature adapters) are
+    created there, and a term whose inputs a model cannot provide stops with an error naming
+    the term and what is missing.
+
 Declaration:
     ``inputs`` (class attribute): the subset of ``KD_INPUTS`` the term reads from the context:
     "points" (paired point groups), "targets" (ground truth), "matching" (Hungarian matching of

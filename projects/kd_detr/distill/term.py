@@ -25,6 +25,12 @@ class KDTerm(nn.Module):
         if unknown:
             raise TypeError(f"{cls.__name__}.inputs has unknown entries {sorted(unknown)}")
 
+    def bind(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Called once with both (unwrapped) models before training, before the term's
+        parameters join the optimizer: create parameters that depend on the models' shapes
+        (e.g. feature adapters) and check the models provide what the term reads (raise a
+        ValueError naming the term and what is missing)."""
+
     def forward(self, context: KDContext) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 

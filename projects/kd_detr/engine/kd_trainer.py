@@ -226,6 +226,9 @@ class KDTrainer(Trainer):
         )
 
     def _build_inner_trainer(self, cfg, model, data_loader, optimizer, amp: bool, **kwargs):
+        for term in self.kd_losses:  # terms whose parameters depend on the models' shapes
+            term.bind(unwrap(model), self.teacher.model)
+        self.kd_losses.to(self.teacher.device)
         params = [p for p in self.kd_losses.parameters() if p.requires_grad]
         if params:  # before DefaultTrainer builds the LR scheduler over the groups
             optimizer.add_param_group(

@@ -69,13 +69,16 @@ class OnnxRuntimeRunner:
 
 
 class OpenVINORunner:
-    """An ONNX file compiled by OpenVINO for the CPU."""
+    """An ONNX file compiled by OpenVINO for the CPU (f32 inference precision)."""
 
     name = "openvino"
 
     def __init__(self, path: str, num_threads: int = 0):
         ov = require_package("openvino")
-        config = {"INFERENCE_NUM_THREADS": num_threads} if num_threads > 0 else {}
+        # f32 everywhere: OpenVINO may otherwise pick bf16 / f16 on CPUs that have them.
+        config = {"INFERENCE_PRECISION_HINT": "f32"}
+        if num_threads > 0:
+            config["INFERENCE_NUM_THREADS"] = num_threads
         self.compiled = ov.Core().compile_model(path, "CPU", config)
         self.request = self.compiled.create_infer_request()
 

@@ -32,6 +32,7 @@ from .metadata import METADATA_FILE, read_export_metadata, write_export_metadata
 from .postprocess import topk_detections
 from .predictor import (
     ExportedModel,
+    ExportedPredictor,
     batch_arrays,
     detections_to_instances,
     export_resize,

@@ -16,6 +16,7 @@ from detectron2.structures import Boxes, Instances
 
 __all__ = [
     "ExportedModel",
+    "ExportedPredictor",
     "batch_arrays",
     "detections_to_instances",
     "export_resize",
@@ -88,3 +89,26 @@ class ExportedModel:
         images, sizes = batch_arrays(batched_inputs)
         labels, boxes, scores = self.runner(images, sizes)
         return [{"instances": r} for r in detections_to_instances(labels, boxes, scores, sizes)]
+
+
+class ExportedPredictor:
+    """Detectron2's ``DefaultPredictor`` for an exported model: one BGR image (h, w, 3) uint8
+    (as ``read_image(path, "BGR")`` or OpenCV give it) -> {"instances": Instances} in its pixels.
+
+    Args:
+        runner: see :mod:`.runtime`.
+        image_size: (H, W) of the exported graph.
+        input_format: the model's ``INPUT.FORMAT`` ("BGR" or "RGB").
+    """
+
+    def __init__(self, runner, image_size: Sequence[int], input_format: str):
+        self.model = ExportedModel(runner)
+        self.image_size = tuple(image_size)
+        self.input_format = input_format
+
+    def __call__(self, original_image: np.ndarray) -> Dict[str, Instances]:
+        image = original_image[:, :, ::-1] if self.input_format == "RGB" else original_image
+        resized = resize_image(np.ascontiguousarray(image), self.image_size)
+        tensor = torch.as_tensor(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        height, width = original_image.shape[:2]
+        return self.model([{"image": tensor, "height": height, "width": width}])[0]

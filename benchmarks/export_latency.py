@@ -12,7 +12,8 @@ round times every runtime once, rotating which goes first, so all see the same m
 What is timed is one call of the whole graph, images -> (labels, boxes, scores): eager =
 ``adapter(images, sizes)`` under ``torch.inference_mode``. Printed per model and runtime:
 
-    model=<name> runtime=<name> ms=<median> eager_ms=<median> ratio=<runtime/eager> max_score_diff=<...>
+    model=<name> runtime=<name> ms=<median> eager_ms=<median> ratio=<runtime/eager>
+        max_score_diff=<max |score - eager score|> size=<side> threads=<n>
 
 Usage:
     python benchmarks/export_latency.py [--models demo_dab_detr demo_deformable_detr demo_dino]

@@ -5,6 +5,7 @@ import shutil
 import tempfile
 import unittest
 
+from tests.common import require_module
 from tests.export_helpers import roundtrip, tiny_model
 from tests.model_helpers import single_thread_module
 
@@ -28,13 +29,10 @@ class TestTorchScriptEqualsEager(unittest.TestCase):
 
 
 class TestOpenVINOEqualsEager(unittest.TestCase):
-    """Only where openvino is installed (an optional runtime: never required, not even in CI)."""
+    """OpenVINO (optional runtime, in the test extra) on the ONNX graph, f32 precision."""
 
     def setUp(self):
-        try:
-            import openvino  # noqa: F401  (optional runtime)
-        except ImportError:
-            self.skipTest("openvino is not installed (optional)")
+        require_module("openvino")
         self.tmp = tempfile.mkdtemp(prefix="kd_export_ov_")
 
     def tearDown(self):

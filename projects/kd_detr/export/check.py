@@ -18,7 +18,7 @@ __all__ = ["check_onnx_file", "compare_instances", "compare_on_images", "load_ba
 
 def check_onnx_file(path: str) -> None:
     """``onnx.checker.check_model`` on the file (raises onnx's ValidationError when invalid)."""
-    onnx = require_package("onnx")
+    onnx = require_package("onnx", extra="export")
     onnx.checker.check_model(path, full_check=True)
 
 

@@ -9,17 +9,18 @@ class ExportError(RuntimeError):
     """An export / deployment problem the user can fix; its message is one line naming the fix."""
 
 
-def require_package(module: str, pip_name: str = ""):
+def require_package(module: str, pip_name: str = "", extra: str = ""):
     """Import and return the optional module ``module``.
 
     Raises:
-        ExportError: "<module> is not installed. Fix: pip install <pip_name>" when it is missing.
+        ExportError: "... is not installed ... Fix: pip install <pip_name> (or pip install -e
+            .[<extra>])" when it is missing.
     """
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        pip_name = pip_name or module
+        hint = f" (or pip install -e .[{extra}])" if extra else ""
         raise ExportError(
             f"the optional package {module!r} is not installed ({e}). Fix: pip install "
-            f"{pip_name} (or pip install -e .[export])"
+            f"{pip_name or module}{hint}"
         ) from None

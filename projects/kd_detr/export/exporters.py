@@ -75,7 +75,7 @@ def export_onnx(
     Raises:
         ExportError: without the ``onnx`` package, or with an opset too low for the model.
     """
-    require_package("onnx")
+    require_package("onnx", extra="export")
     check_opset(adapter, opset)
     axes: Dict[str, Dict[int, str]] = {}
     if dynamic_batch:

@@ -50,7 +50,7 @@ class OnnxRuntimeRunner:
     name = "onnxruntime"
 
     def __init__(self, path: str, num_threads: int = 0):
-        ort = require_package("onnxruntime")
+        ort = require_package("onnxruntime", extra="export")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if num_threads > 0:
@@ -74,7 +74,7 @@ class OpenVINORunner:
     name = "openvino"
 
     def __init__(self, path: str, num_threads: int = 0):
-        ov = require_package("openvino")
+        ov = require_package("openvino", extra="openvino")
         # f32 everywhere: OpenVINO may otherwise pick bf16 / f16 on CPUs that have them.
         config = {"INFERENCE_PRECISION_HINT": "f32"}
         if num_threads > 0:

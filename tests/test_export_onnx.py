@@ -16,13 +16,14 @@ from kd_detr.export import (
     build_export_adapter,
     build_runner,
     check_onnx_file,
+    compare_on_images,
     export_model,
     read_export_metadata,
     require_package,
 )
 from kd_detr.ov import set_detr_vocabulary
 from tests.common import require_module
-from tests.export_helpers import IMAGE_SIZE, roundtrip, tiny_model
+from tests.export_helpers import IMAGE_SIZE, TOLERANCE, coco128_images, roundtrip, tiny_model
 from tests.model_helpers import single_thread_module
 
 setUpModule, tearDownModule = single_thread_module()
@@ -76,6 +77,18 @@ class TestOnnxEqualsEager(_TempCase):
         self.assertEqual([i.name for i in graph.input], ["images", "orig_target_sizes"])
         self.assertEqual([o.name for o in graph.output], ["labels", "boxes", "scores"])
         self.assertEqual(graph.input[0].type.tensor_type.shape.dim[0].dim_param, "N")
+
+    def test_static_batch_graph_takes_one_image(self):
+        cfg, model = tiny_model("deformable_detr_tiny_parity.yaml")
+        path = export_model(cfg, model, "onnx", self.tmp, IMAGE_SIZE, dynamic_batch=False)
+        onnx = require_module("onnx")
+        self.assertEqual(onnx.load(path).graph.input[0].type.tensor_type.shape.dim[0].dim_value, 1)
+        self.assertFalse(read_export_metadata(path)["dynamic_batch"])
+        diff = compare_on_images(
+            model, build_runner(path), coco128_images(1), IMAGE_SIZE, cfg.INPUT.FORMAT
+        )
+        self.assertEqual((diff["detections"], diff["label_mismatches"]), (10, 0), diff)
+        self.assertLessEqual(max(diff["score"], diff["box"]), TOLERANCE, diff)
 
 
 class TestOpenVocabularyHead(_TempCase):

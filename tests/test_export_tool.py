@@ -6,6 +6,7 @@ coco128 val (exported AP = eager AP) with a random tiny DETR checkpoint, one-lin
 gives every query the same score, so its detections' order would be arbitrary.)"""
 import contextlib
 import io
+import json
 import os
 import shutil
 import sys
@@ -24,6 +25,7 @@ import export_model as tool  # noqa: E402  (tools/ is not a package)
 setUpModule, tearDownModule = single_thread_module()
 
 DETR_CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
+DAB_CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml")
 DEFORMABLE_CONFIG = os.path.join(REPO_ROOT, "configs", "tests", "deformable_detr_tiny_parity.yaml")
 
 
@@ -73,6 +75,31 @@ class TestExportTool(unittest.TestCase):
         eager = float(evals[0].split("eager AP ")[1].split()[0])
         exported = float(evals[0].split(" AP ")[2].split()[0])
         self.assertLessEqual(abs(eager - exported), 0.1, evals[0])
+
+    def test_open_vocabulary_head_with_the_vocabulary_given_at_export(self):
+        """Real CLIP text embeddings of the 80 COCO classes (Detic's file, no sidecar: rows are
+        the COCO classes); the exported graph and export.json carry that vocabulary."""
+        text = os.path.join(shared_data("clip_text"), "coco_clip_a+cname.npy")
+        opts = [
+            "MODEL.DETR.NUM_CLASSES", "80", "MODEL.OV.DETR_HEAD.ENABLED", "True",
+            "MODEL.OV.DETR_HEAD.VOCABULARY_FROM_DATASETS", "False", "MODEL.OV.EMBED_DIM", "512",
+            "MODEL.OV.TEXT_EMBEDDINGS", text, "MODEL.OV.BACKGROUND", "none",
+            "MODEL.OV.TEMPERATURE", "0.02",
+        ]  # fmt: skip
+        cfg, model = tiny_model("dab_detr_tiny_parity.yaml", *opts)
+        DetectionCheckpointer(model, save_dir=self.tmp).save("ov_dab")
+        code, out, err = run_tool(
+            "--config-file", DAB_CONFIG,
+            "--weights", os.path.join(self.tmp, "ov_dab.pth"), "--format", "onnx",
+            "--output", self.tmp, "--dynamic-batch", "--image-size", "96", "128",
+            "--check-images", os.path.join(shared_data("coco128", "val2017"), "*.jpg"),
+            "--text-embeddings", text, "--check", *opts,
+        )  # fmt: skip
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(sum(line.endswith("OK") for line in out.splitlines()), 2, out)
+        with open(os.path.join(self.tmp, "export.json")) as f:
+            names = json.load(f)["class_names"]
+        self.assertEqual((len(names), names[0]), (80, "person"))
 
     def test_opset_too_low_is_one_line_naming_the_fix(self):
         code, out, err = run_tool(

@@ -14,8 +14,8 @@ folder gets model.onnx / model.ts and export.json (sizes, input format, class na
 
 --check: onnx.checker, then the exported model (ONNX Runtime / TorchScript) against the eager
 model on real images (--check-images, default the first images of DATASETS.TEST[0]) in batches
-of 1 and 3 (dynamic batch); exits 1 when scores or boxes (relative to the image size) differ by
-more than --tolerance or a label differs among the top detections.
+of 1 and 3 (dynamic batch; else 1); exits 1 when scores or boxes (relative to the image size)
+differ by more than --tolerance or a label differs among the top detections.
 --run-eval: Detectron2's evaluator on DATASETS.TEST for the exported and the eager model, both
 fed the same resized images. Open-vocabulary DETR heads (MODEL.OV.DETR_HEAD) export with their
 test vocabulary, or the one of --text-embeddings (a .npy with its JSON sidecar of names).
@@ -90,7 +90,7 @@ def run_check(args, cfg, model, path, image_size) -> bool:
     runner = build_runner(path, num_threads=args.threads)
     paths = check_images(cfg, args.check_images)
     ok = True
-    batches = (1, 3) if args.dynamic_batch or args.format == "torchscript" else (2,)
+    batches = (1, 3) if args.dynamic_batch or args.format == "torchscript" else (1,)
     for batch in batches:
         chosen = (paths * batch)[:batch]
         diff = compare_on_images(model, runner, chosen, image_size, cfg.INPUT.FORMAT)
@@ -135,7 +135,10 @@ def main(argv=None) -> int:
         names = None
         if args.text_embeddings:
             embeddings = load_text_embeddings(args.text_embeddings)
-            set_detr_vocabulary(model, embeddings, "test")
+            try:
+                set_detr_vocabulary(model, embeddings, "test")
+            except (TypeError, ValueError) as e:
+                raise ExportError(f"--text-embeddings: {e}") from None
             names = embedding_row_names(args.text_embeddings, len(embeddings))
         image_size = tuple(args.image_size) if args.image_size else None
         path = export_model(

@@ -79,7 +79,7 @@ def export_model(
         export_format: "onnx" or "torchscript".
         image_size: (H, W) of the graph's input images (default :func:`default_image_size`).
         opset: ONNX opset (>= 16 for deformable attention).
-        dynamic_batch: ONNX only: a symbolic batch axis N (else N = 2, the traced batch).
+        dynamic_batch: ONNX only: a symbolic batch axis N (else N = 1).
         names: class names for the sidecar (default :func:`class_names`).
 
     Returns:
@@ -98,10 +98,12 @@ def export_model(
     adapter = build_export_adapter(cfg, model)
     file_name, exporter = EXPORTERS[export_format]
     path = os.path.join(output_dir, file_name)
-    # Two images, so that no batch-size-1 broadcast is specialised into the trace.
+    # A dynamic batch is traced with two images, so that no batch-size-1 broadcast is
+    # specialised into the graph; a static ONNX graph takes one image.
+    batch = 2 if dynamic_batch or export_format == "torchscript" else 1
     generator = torch.Generator().manual_seed(0)
-    images = torch.rand((2, 3) + image_size, generator=generator) * 255
-    sizes = torch.tensor([[image_size[1], image_size[0]]] * 2, dtype=torch.int64)
+    images = torch.rand((batch, 3) + image_size, generator=generator) * 255
+    sizes = torch.tensor([[image_size[1], image_size[0]]] * batch, dtype=torch.int64)
     exporter(adapter, images, sizes, path, opset=opset, dynamic_batch=dynamic_batch)
     write_export_metadata(
         output_dir,

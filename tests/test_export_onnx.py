@@ -54,6 +54,9 @@ class TestOnnxEqualsEager(_TempCase):
     def test_dab_detr(self):
         self.check("dab_detr_tiny_parity.yaml")
 
+    def test_dn_dab_detr(self):  # denoising queries are training-only: not in the graph
+        self.check("dab_detr_tiny_parity.yaml", "MODEL.DETR.DN.ENABLED", "True")
+
     def test_deformable_detr(self):
         self.check("deformable_detr_tiny_parity.yaml")
 

@@ -234,7 +234,8 @@ class RegionTextClassifier(nn.Module):
             bg = z @ F.normalize(self.bg_embedding, dim=0) / self.temperature
             logits = torch.cat([logits, bg[:, None]], dim=1)
         elif self.background == "zero":
-            logits = torch.cat([logits, logits.new_zeros(len(logits), 1)], dim=1)
+            # zeros_like keeps the batch size symbolic when the head is traced (export)
+            logits = torch.cat([logits, torch.zeros_like(logits[:, :1])], dim=1)
         return logits
 
     def predict_probs(self, logits: torch.Tensor) -> torch.Tensor:

@@ -132,7 +132,7 @@ class DenoisingGenerator(nn.Module):
     def matching_content(self, num_queries: int) -> torch.Tensor:
         """(Q, d) content of the matching queries: the "no object" embedding, indicator 0."""
         device = self.label_enc.weight.device
-        no_object = torch.full((num_queries,), self.num_classes, device=device)
+        no_object = torch.full((num_queries,), self.num_classes, dtype=torch.long, device=device)
         return self.embed_labels(no_object, indicator=0.0)
 
     def resolve_num_groups(self, max_objects: int) -> int:

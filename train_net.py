@@ -7,23 +7,44 @@
     python train_net.py --config-file CFG --num-gpus 2   # also on CPU: gloo processes
     python train_net.py --config-file configs/kd_detr/RECIPE.yaml MODEL.KD.TEACHER.WEIGHTS T.pth
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
+import logging
+import sys
 import time
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 
-from kd_detr.config import load_config
+from kd_detr.config import UnknownConfigKeyError, load_config
 from kd_detr.engine import KDTrainer, Trainer, launch, write_metrics_json
+from kd_detr.engine.setup import (
+    StartupError,
+    check_batch_size,
+    check_device,
+    hold_kd_detr_logs,
+    setup_kd_detr_logger,
+    solver_as_run,
+)
 from kd_detr.modeling.num_classes import check_num_classes
+
+logger = logging.getLogger("kd_detr.train_net")
 
 
 def setup(args):
     """Build the frozen config (Detectron2 defaults + kd_detr keys + file + command line, its
-    datasets registered) and check the model's class count against the training data."""
-    cfg = load_config(args.config_file, args.opts)
-    check_num_classes(cfg)
+    datasets registered), check the model's class count against the training data, the device
+    and (for training) the batch size, and send kd_detr's log records to Detectron2's console
+    and ``OUTPUT_DIR/log.txt``."""
+    with hold_kd_detr_logs() as held:
+        cfg = load_config(args.config_file, args.opts)
+        check_num_classes(cfg)
+        check_device(cfg)
+        if not args.eval_only:
+            check_batch_size(cfg, comm.get_world_size())
     default_setup(cfg, args)
+    setup_kd_detr_logger(held)
     return cfg
 
 
@@ -41,15 +62,18 @@ def main(args):
     # MODEL.KD.ENABLED: distil the frozen MODEL.KD.TEACHER into the model; --eval-only above
     # evaluates the plain student either way.
     trainer = (KDTrainer if cfg.MODEL.KD.ENABLED else Trainer)(cfg)
+    # trainer.cfg: after Detectron2's auto_scale_workers (SOLVER.REFERENCE_WORLD_SIZE).
+    solver = solver_as_run(cfg, trainer.cfg)
     trainer.resume_or_load(resume=args.resume)
     start = time.perf_counter()
     trainer.train()
     results = getattr(trainer, "_last_eval_results", None)
     extra = {
         "mode": "train",
-        "max_iter": cfg.SOLVER.MAX_ITER,
+        "max_iter": trainer.cfg.SOLVER.MAX_ITER,  # as run
         "train_and_eval_seconds": round(time.perf_counter() - start, 1),
         "world_size": comm.get_world_size(),
+        "solver": solver,  # configured and as-run batch, lr, max_iter, steps, warm-up
     }
     write_metrics_json(cfg, results, extra)
     return results
@@ -58,14 +82,18 @@ def main(args):
 def invoke_main():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (StartupError, UnknownConfigKeyError) as e:
+        # A config that cannot run: one line naming the problem and the fix, no traceback.
+        sys.exit(f"train_net.py: error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
 #!/usr/bin/env python
 # Copyright (c) kd_detr contributors.
-"""Print the metrics JSON written by train_net.py as a table."""
+"""Print the metrics JSON written by train_net.py as a table (AP values in percent; ``null``, an
+undefined metric such as APl on a split without large objects, prints as "n/a")."""
 import argparse
 import json
 
 from tabulate import tabulate
+
+
+def _percent(value):
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def main():
@@ -13,12 +18,13 @@ def main():
     args = parser.parse_args()
     with open(args.metrics_json) as f:
         metrics = json.load(f)
+    names = ("AP", "AP50", "AP75", "APs", "APm", "APl")
     rows = []
     for dataset, tasks in (metrics.get("results") or {}).items():
         for task, values in tasks.items():
-            keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in values]
-            rows.append([dataset, task] + [f"{values[k]:.2f}" for k in keys])
-    headers = ["dataset", "task", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+            keys = [k for k in names if k in values]
+            rows.append([dataset, task] + [_percent(values[k]) for k in keys])
+    headers = ["dataset", "task"] + [f"{k} (%)" for k in names]
     print(tabulate(rows, headers=headers[: max(len(r) for r in rows)] if rows else headers))
     extras = {k: v for k, v in metrics.items() if k != "results"}
     if extras:

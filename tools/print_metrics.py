@@ -9,6 +9,8 @@ from tabulate import tabulate
 
 
 def _percent(value):
+    if isinstance(value, str):
+        return value
     return "n/a" if value is None else f"{value:.2f}"
 
 
@@ -22,10 +24,12 @@ def main():
     rows = []
     for dataset, tasks in (metrics.get("results") or {}).items():
         for task, values in tasks.items():
-            keys = [k for k in names if k in values]
-            rows.append([dataset, task] + [_percent(values[k]) for k in keys])
-    headers = ["dataset", "task"] + [f"{k} (%)" for k in names]
-    print(tabulate(rows, headers=headers[: max(len(r) for r in rows)] if rows else headers))
+            rows.append([dataset, task] + [_percent(values.get(k, "-")) for k in names])
+    # Columns no task reports are left out; a missing value in a kept column prints as "-".
+    kept = [i for i, _ in enumerate(names) if any(row[2 + i] != "-" for row in rows)]
+    headers = ["dataset", "task"] + [f"{names[i]} (%)" for i in kept]
+    rows = [row[:2] + [row[2 + i] for i in kept] for row in rows]
+    print(tabulate(rows, headers=headers, disable_numparse=True))
     extras = {k: v for k, v in metrics.items() if k != "results"}
     if extras:
         print(tabulate(sorted(extras.items()), headers=["field", "value"]))

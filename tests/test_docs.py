@@ -51,6 +51,8 @@ NOT_IN_REPO = (
 NOT_CONFIG_KEYS = {
     # docs/ARCHITECTURE.md "How to add a dataset source": the key a new source would add.
     "DATASETS.MY_SOURCE",
+    # README.md "Training and evaluation": the example of a typo and the error it gives.
+    "MODEL.KD.TEMPERATUR",
 }
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)

@@ -17,7 +17,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import default_argument_parser
 
 import train_net
@@ -83,7 +83,7 @@ class TestStartupErrors(TempDatasetsCase):
             self.assertEqual(load_config(COCO_RECIPE, ["MODEL.DEVICE", "auto"]).MODEL.DEVICE,
                              "cuda")  # fmt: skip
 
-    @unittest.skipIf(torch.cuda.is_available(), "the command-line check needs a machine without GPU")
+    @unittest.skipIf(torch.cuda.is_available(), "needs a machine without a GPU")
     def test_command_prints_one_line_without_traceback(self):
         proc = subprocess.run(
             [sys.executable, "train_net.py", "--config-file", COCO_RECIPE, "--eval-only"],
@@ -157,6 +157,36 @@ class TestLogTxt(TempDatasetsCase):
         ):
             pattern = LOG_LINE.format(logger=logger, level="WARNING", text=re.escape(text))
             self.assertRegex(log, re.compile(pattern, re.M))
+
+
+class TestReadmeOwnData(TempDatasetsCase):
+    def test_the_readme_yaml_sets_up_a_run_on_a_coco_json(self):
+        with open(os.path.join(REPO_ROOT, "README.md")) as f:
+            section = f.read().split("## Your own data", 1)[1]
+        text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+        for split in ("train", "val"):
+            json_file = os.path.join(self.tmp, f"{split}.json")
+            with open(json_file, "w") as f:
+                json.dump({"images": [], "annotations": [], "categories": [
+                    {"id": i, "name": n} for i, n in enumerate(("RBC", "WBC", "Platelets"), 1)
+                ]}, f)  # fmt: skip
+            text = text.replace(f"path/{split}.json", json_file)
+            text = text.replace(f"path/{split}_images", self.tmp)
+        # _BASE_ is relative to the YAML's folder: the README's file sits at the repository root.
+        config = os.path.join(self.tmp, "mine.yaml")
+        with open(config, "w") as f:
+            f.write(text.replace('_BASE_: "configs/', f'_BASE_: "{REPO_ROOT}/configs/'))
+        self.names += ["my_train", "my_val"]
+        with redirect_stdout(io.StringIO()):
+            cfg = train_net.setup(_args(config, "OUTPUT_DIR", os.path.join(self.tmp, "out")))
+        self.assertIn(cfg.MODEL.DEVICE, ("cpu", "cuda"))
+        self.assertEqual(cfg.MODEL.DETR.NUM_CLASSES, 3)
+        self.assertEqual(MetadataCatalog.get("my_train").thing_classes, ["RBC", "WBC", "Platelets"])
+        # A class count that does not match the json's categories stops at start-up.
+        with self.assertRaises(ValueError) as ctx:
+            train_net.setup(_args(config, "MODEL.DETR.NUM_CLASSES", "80"))
+        message = str(ctx.exception)
+        self.assertIn("MODEL.DETR.NUM_CLASSES is 80 but dataset 'my_train' has 3", message)
 
 
 class TestMetricsJson(TempDatasetsCase):

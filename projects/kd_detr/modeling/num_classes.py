@@ -2,7 +2,7 @@
 """Check a model's class count against its training dataset's metadata."""
 from typing import Optional
 
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 
 __all__ = ["check_num_classes", "num_classes_key"]
 
@@ -30,13 +30,18 @@ def check_num_classes(cfg, key: Optional[str] = None):
     Args:
         key: dotted config key of the class count; default: the meta-architecture's.
 
+    A COCO-format json dataset gets its ``thing_classes`` when its json is read, so such a
+    dataset is loaded here (once more than the training loader does: a custom json is read twice).
     Does nothing when no training dataset is set or its metadata has no ``thing_classes``.
     """
     key = key or num_classes_key(cfg)
     if key is None or not cfg.DATASETS.TRAIN:
         return
     dataset = cfg.DATASETS.TRAIN[0]
-    classes = MetadataCatalog.get(dataset).get("thing_classes", None)
+    metadata = MetadataCatalog.get(dataset)
+    if metadata.get("thing_classes", None) is None and metadata.get("json_file", None):
+        DatasetCatalog.get(dataset)  # sets thing_classes from the json's categories
+    classes = metadata.get("thing_classes", None)
     if classes is None:
         return
     value = cfg

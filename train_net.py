@@ -79,10 +79,24 @@ def main(args):
     return results
 
 
+def check_before_launch(args):
+    """The config checks of :func:`setup`, run in the launching process when it starts several
+    workers, so that a config that cannot run stops with one line there too (not once per worker
+    with a traceback). Log records are dropped: each worker's setup logs them again."""
+    world_size = args.num_gpus * args.num_machines
+    if world_size > 1:
+        with hold_kd_detr_logs():
+            cfg = load_config(args.config_file, args.opts)
+            check_device(cfg)
+            if not args.eval_only:
+                check_batch_size(cfg, world_size)
+
+
 def invoke_main():
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
     try:
+        check_before_launch(args)
         launch(
             main,
             args.num_gpus,

@@ -15,6 +15,7 @@ from contextlib import redirect_stdout
 from unittest import mock
 
 import numpy as np
+import pytest
 import torch
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -94,6 +95,18 @@ class TestStartupErrors(TempDatasetsCase):
         self.assertNotIn("FutureWarning", proc.stderr)  # silenced at kd_detr's import
         self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
         self.assertIn("train_net.py: error: MODEL.DEVICE is 'cuda'", proc.stderr)
+
+
+    def test_multi_process_command_stops_with_one_line_before_launching(self):
+        proc = subprocess.run(
+            [sys.executable, "train_net.py", "--config-file", DEMO, "--num-gpus", "2",
+             "SOLVER.IMS_PER_BATCH", "6", "SOLVER.REFERENCE_WORLD_SIZE", "4"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
+        self.assertIn("train_net.py: error: SOLVER.IMS_PER_BATCH 6 is not a multiple of "
+                      "SOLVER.REFERENCE_WORLD_SIZE 4", proc.stderr)  # fmt: skip
 
 
 class TestConfigKeySuggestions(TempDatasetsCase):
@@ -225,6 +238,42 @@ class TestMetricsJson(TempDatasetsCase):
         self.assertIn("SOLVER.REFERENCE_WORLD_SIZE 0", logs.output[0])
 
 
+class TestTwoProcessRun(TempDatasetsCase):
+    @pytest.mark.slow
+    def test_rescaled_schedule_is_what_metrics_final_records(self):
+        # The example: MAX_ITER 5 on 2 processes with REFERENCE_WORLD_SIZE 1 runs 2
+        # iterations of twice the batch; metrics_final.json used to record max_iter 5.
+        out = os.path.join(self.tmp, "out")
+        tiny = [
+            "DATASETS.KD_DEMO.ROOT", os.path.join(self.tmp, "data"),
+            "DATASETS.KD_DEMO.NUM_TRAIN", "8", "DATASETS.KD_DEMO.NUM_VAL", "4",
+            "DATASETS.KD_DEMO.IMAGE_SIZE", "96",
+            "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
+            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "1",
+            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "0",
+            "DATALOADER.NUM_WORKERS", "0", "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
+            "OUTPUT_DIR", out,
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(
+            [sys.executable, "train_net.py", "--config-file", DEMO, "--num-gpus", "2", *tiny],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, env=env,
+        )  # fmt: skip
+        self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+        with open(os.path.join(out, "metrics_final.json")) as f:
+            final = _strict_json(f.read())
+        self.assertEqual((final["world_size"], final["max_iter"]), (2, 2))
+        solver = final["solver"]
+        self.assertEqual(solver["configured"]["MAX_ITER"], 5)
+        self.assertEqual(solver["as_run"]["MAX_ITER"], 2)
+        self.assertEqual(solver["as_run"]["IMS_PER_BATCH"], 4)
+        self.assertEqual(solver["as_run"]["STEPS"], [2])
+        with open(os.path.join(out, "log.txt")) as f:
+            log = f.read()
+        self.assertEqual(log.count("Solver rescaled from SOLVER.REFERENCE_WORLD_SIZE 1"), 1)
+
+
 class TestNoFutureWarning(unittest.TestCase):
     def test_importing_the_entry_point_prints_no_jit_warning(self):
         proc = subprocess.run(
@@ -234,12 +283,9 @@ class TestNoFutureWarning(unittest.TestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr[-2000:])
 
     def test_the_filter_is_narrow(self):
-        def add_one(x: torch.Tensor) -> torch.Tensor:
-            return x + 1
-
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            torch.jit.script(add_one)  # anyone else's torch.jit.script still warns
+            torch.jit.script(torch.nn.ReLU())  # anyone else's torch.jit.script still warns
         self.assertTrue(any("torch.jit.script" in str(w.message) for w in caught))
 
 

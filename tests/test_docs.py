@@ -107,6 +107,20 @@ def doc_keys(text):
     return sorted(keys)
 
 
+def doc_commands(text):
+    """(script, [--flags]) of every `python <script>.py ...` line of the fenced blocks (with its
+    backslash continuations)."""
+    commands = []
+    for block in FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = line.split("#")[0].split()
+            if "python" in words[:3] and any(w.endswith(".py") for w in words):
+                script = next(w for w in words if w.endswith(".py"))
+                flags = [w.split("=")[0] for w in words if re.match(r"^--[a-z][a-z0-9-]*", w)]
+                commands.append((script, flags))
+    return commands
+
+
 def path_exists(path):
     if path.startswith(NOT_IN_REPO):
         return True
@@ -144,6 +158,7 @@ class TestDocs(unittest.TestCase):
                       doc_paths(readme))  # fmt: skip
         self.assertIn("tools/print_metrics.py", doc_paths(readme))
         self.assertIn("MODEL.KD.ENABLED", doc_keys(readme))
+        self.assertIn(("train_net.py", ["--config-file", "--eval-only"]), doc_commands(readme))
         self.assertEqual(_expand("a_{18,50}_b.yaml"), ["a_18_b.yaml", "a_50_b.yaml"])
         self.assertFalse(path_exists("configs/no_such_recipe.yaml"))
         self.assertFalse(key_exists(self.cfg, "MODEL.KD.NO_SUCH_KEY"))
@@ -165,6 +180,26 @@ class TestDocs(unittest.TestCase):
             if key not in NOT_CONFIG_KEYS and not key_exists(self.cfg, key)
         ]
         self.assertEqual(missing, [], "config keys named in the docs that load_config() lacks")
+
+    def test_every_documented_command_flag_exists(self):
+        # train_net.py takes Detectron2's default_argument_parser() flags.
+        with open(os.path.join(os.path.dirname(detectron2.__file__), "engine", "defaults.py")) as f:
+            detectron2_flags = f.read()
+        wrong = []
+        for doc, text in self.docs.items():
+            for script, flags in doc_commands(text):
+                path = os.path.join(REPO_ROOT, script)
+                if not os.path.isfile(path):
+                    wrong.append(f"{doc}: {script} does not exist")
+                    continue
+                with open(path) as f:
+                    source = f.read() + (detectron2_flags if script == "train_net.py" else "")
+                wrong += [
+                    f"{doc}: {script} {flag}"
+                    for flag in flags
+                    if f'"{flag}"' not in source and f"'{flag}'" not in source
+                ]
+        self.assertEqual(wrong, [], "commands in the docs with a script or flag that does not exist")
 
     def test_license_matches_setup_cfg(self):
         with open(os.path.join(REPO_ROOT, "setup.cfg")) as f:

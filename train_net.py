@@ -23,6 +23,7 @@ from kd_detr.engine.setup import (
     StartupError,
     check_batch_size,
     check_device,
+    check_schedule,
     hold_kd_detr_logs,
     setup_kd_detr_logger,
     solver_as_run,
@@ -43,6 +44,7 @@ def setup(args):
         check_device(cfg)
         if not args.eval_only:
             check_batch_size(cfg, comm.get_world_size())
+            check_schedule(cfg, comm.get_world_size())
     default_setup(cfg, args)
     setup_kd_detr_logger(held)
     return cfg
@@ -90,6 +92,7 @@ def check_before_launch(args):
             check_device(cfg)
             if not args.eval_only:
                 check_batch_size(cfg, world_size)
+                check_schedule(cfg, world_size)
 
 
 def invoke_main():

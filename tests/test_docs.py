@@ -199,7 +199,7 @@ class TestDocs(unittest.TestCase):
                     for flag in flags
                     if f'"{flag}"' not in source and f"'{flag}'" not in source
                 ]
-        self.assertEqual(wrong, [], "commands in the docs with a script or flag that does not exist")
+        self.assertEqual(wrong, [], "documented commands whose script or flag does not exist")
 
     def test_license_matches_setup_cfg(self):
         with open(os.path.join(REPO_ROOT, "setup.cfg")) as f:

@@ -24,7 +24,7 @@ from detectron2.engine import default_argument_parser
 import train_net
 from kd_detr.config import UnknownConfigKeyError, load_config
 from kd_detr.engine import write_metrics_json
-from kd_detr.engine.setup import StartupError, solver_as_run
+from kd_detr.engine.setup import StartupError, check_schedule, solver_as_run
 from tests.common import REPO_ROOT, TempDatasetsCase
 
 COCO_RECIPE = os.path.join(REPO_ROOT, "configs", "dab_detr", "dab_detr_R_18_50ep_coco.yaml")
@@ -96,7 +96,6 @@ class TestStartupErrors(TempDatasetsCase):
         self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
         self.assertIn("train_net.py: error: MODEL.DEVICE is 'cuda'", proc.stderr)
 
-
     def test_multi_process_command_stops_with_one_line_before_launching(self):
         proc = subprocess.run(
             [sys.executable, "train_net.py", "--config-file", DEMO, "--num-gpus", "2",
@@ -107,6 +106,16 @@ class TestStartupErrors(TempDatasetsCase):
         self.assertEqual(proc.stderr.strip().count("\n"), 0, proc.stderr)
         self.assertIn("train_net.py: error: SOLVER.IMS_PER_BATCH 6 is not a multiple of "
                       "SOLVER.REFERENCE_WORLD_SIZE 4", proc.stderr)  # fmt: skip
+
+    def test_a_step_equal_to_the_rescaled_max_iter_is_named(self):
+        # MAX_ITER 5 and STEPS (4,) on 2 processes with REFERENCE_WORLD_SIZE 1: both become 2.
+        cfg = load_config(DEMO, ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)",
+                                 "SOLVER.REFERENCE_WORLD_SIZE", "1"], register_datasets=False)
+        with self.assertRaises(StartupError) as ctx:
+            check_schedule(cfg, 2)
+        self.assertIn("SOLVER.MAX_ITER 5 and step 4 both become 2 on 2 process(es)",
+                      str(ctx.exception))  # fmt: skip
+        check_schedule(cfg, 1)  # one process: 4 < 5, fine
 
 
 class TestConfigKeySuggestions(TempDatasetsCase):
@@ -222,7 +231,7 @@ class TestMetricsJson(TempDatasetsCase):
         self.assertRegex(printed, r"12\.50\s+30\.00\s+n/a")
 
     def test_solver_as_run_records_configured_and_rescaled_values(self):
-        cfg = load_config(DEMO, ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)",
+        cfg = load_config(DEMO, ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(2,)",
                                  "SOLVER.REFERENCE_WORLD_SIZE", "1"], register_datasets=False)
         with mock.patch("detectron2.utils.comm.get_world_size", return_value=2), self.assertLogs(
             "kd_detr.engine.setup", "INFO"
@@ -232,7 +241,7 @@ class TestMetricsJson(TempDatasetsCase):
         self.assertEqual(solver["as_run"]["MAX_ITER"], 2)  # Detectron2: round(5 / 2)
         self.assertEqual(solver["as_run"]["IMS_PER_BATCH"], 2 * cfg.SOLVER.IMS_PER_BATCH)
         self.assertTrue(math.isclose(solver["as_run"]["BASE_LR"], 2 * cfg.SOLVER.BASE_LR))
-        self.assertEqual(solver["as_run"]["STEPS"], [2])
+        self.assertEqual(solver["as_run"]["STEPS"], [1])
         self.assertEqual(len(logs.output), 1)
         self.assertIn("MAX_ITER 5 -> 2", logs.output[0])
         self.assertIn("SOLVER.REFERENCE_WORLD_SIZE 0", logs.output[0])
@@ -251,7 +260,7 @@ class TestTwoProcessRun(TempDatasetsCase):
             "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
             "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
             "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "1",
-            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(4,)", "SOLVER.WARMUP_ITERS", "0",
+            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "0",
             "DATALOADER.NUM_WORKERS", "0", "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
             "OUTPUT_DIR", out,
         ]  # fmt: skip
@@ -268,7 +277,7 @@ class TestTwoProcessRun(TempDatasetsCase):
         self.assertEqual(solver["configured"]["MAX_ITER"], 5)
         self.assertEqual(solver["as_run"]["MAX_ITER"], 2)
         self.assertEqual(solver["as_run"]["IMS_PER_BATCH"], 4)
-        self.assertEqual(solver["as_run"]["STEPS"], [2])
+        self.assertEqual(solver["as_run"]["STEPS"], [1])
         with open(os.path.join(out, "log.txt")) as f:
             log = f.read()
         self.assertEqual(log.count("Solver rescaled from SOLVER.REFERENCE_WORLD_SIZE 1"), 1)

@@ -13,6 +13,7 @@ __all__ = [
     "StartupError",
     "check_batch_size",
     "check_device",
+    "check_schedule",
     "hold_kd_detr_logs",
     "setup_kd_detr_logger",
     "solver_as_run",
@@ -119,6 +120,28 @@ def check_batch_size(cfg, world_size):
         f"train with exactly {batch} images per iteration and the configured lr and schedule, "
         f"or use a multiple of {reference}."
     )
+
+
+def check_schedule(cfg, world_size):
+    """A step of ``SOLVER.STEPS`` equal to ``SOLVER.MAX_ITER`` as run (after the rescaling of
+    :func:`check_batch_size`) fails deep in fvcore ("Milestone must be smaller than total number
+    of updates"); say which values collide and what to change."""
+    reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+    scale = 1.0 if reference in (0, world_size) else world_size / reference
+    max_iter = int(round(cfg.SOLVER.MAX_ITER / scale))
+    for step in cfg.SOLVER.STEPS:
+        if int(round(step / scale)) == max_iter:
+            rescaled = (
+                ""
+                if scale == 1.0
+                else f" (SOLVER.MAX_ITER {cfg.SOLVER.MAX_ITER} and step {step} both become "
+                f"{max_iter} on {world_size} process(es), SOLVER.REFERENCE_WORLD_SIZE {reference})"
+            )
+            raise StartupError(
+                f"SOLVER.STEPS {tuple(cfg.SOLVER.STEPS)} has a step equal to SOLVER.MAX_ITER "
+                f"{max_iter}{rescaled}: every step must be below SOLVER.MAX_ITER; lower or drop "
+                "it (SOLVER.STEPS \"()\" for a constant lr)."
+            )
 
 
 def _solver_values(cfg):

@@ -216,19 +216,24 @@ class TestMetricsJson(TempDatasetsCase):
         cfg = load_config(DEMO, ["OUTPUT_DIR", self.tmp], register_datasets=False)
         results = {"bbox": {"AP": np.float32(12.5), "AP50": 30.0, "APl": float("nan"),
                             "AP-circle": np.float64("nan"), "count": np.int64(3)}}  # fmt: skip
-        path = write_metrics_json(cfg, results, {"solver": {"as_run": {"STEPS": (3,)}}})
+        solver = {
+            "configured": {"MAX_ITER": 5, "STEPS": (4,)},
+            "as_run": {"MAX_ITER": 2, "STEPS": (2,)},
+        }
+        path = write_metrics_json(cfg, results, {"solver": solver})
         with open(path) as f:
             metrics = _strict_json(f.read())
         bbox = metrics["results"]["kd_demo_val"]["bbox"]
         self.assertEqual(bbox, {"AP": 12.5, "AP50": 30.0, "APl": None, "AP-circle": None,
                                 "count": 3})  # fmt: skip
-        self.assertEqual(metrics["solver"]["as_run"]["STEPS"], [3])
+        self.assertEqual(metrics["solver"]["as_run"]["STEPS"], [2])
         printed = subprocess.run(
             [sys.executable, os.path.join(REPO_ROOT, "tools", "print_metrics.py"), path],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
         self.assertIn("AP (%)", printed)
         self.assertRegex(printed, r"12\.50\s+30\.00\s+n/a")
+        self.assertRegex(printed, r"SOLVER\.MAX_ITER\s+5 -> 2")
 
     def test_solver_as_run_records_configured_and_rescaled_values(self):
         cfg = load_config(DEMO, ["SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(2,)",

@@ -30,9 +30,15 @@ def main():
     headers = ["dataset", "task"] + [f"{names[i]} (%)" for i in kept]
     rows = [row[:2] + [row[2 + i] for i in kept] for row in rows]
     print(tabulate(rows, headers=headers, disable_numparse=True))
-    extras = {k: v for k, v in metrics.items() if k != "results"}
+    extras = {k: v for k, v in metrics.items() if k not in ("results", "solver")}
+    solver = metrics.get("solver") or {}
+    # SOLVER values as configured -> as run (they differ when REFERENCE_WORLD_SIZE rescaled them).
+    for key, configured in (solver.get("configured") or {}).items():
+        as_run = solver.get("as_run", {}).get(key, configured)
+        shown = configured if as_run == configured else f"{configured} -> {as_run}"
+        extras[f"SOLVER.{key}"] = shown
     if extras:
-        print(tabulate(sorted(extras.items()), headers=["field", "value"]))
+        print(tabulate(sorted(extras.items()), headers=["field", "value"], disable_numparse=True))
     print(f"(from {args.metrics_json})")
 
 

@@ -181,6 +181,17 @@ class TestDocs(unittest.TestCase):
         ]
         self.assertEqual(missing, [], "config keys named in the docs that load_config() lacks")
 
+    def test_every_relative_link_resolves(self):
+        broken = []
+        for doc, text in self.docs.items():
+            for target in re.findall(r"\]\(([^)\s]+)\)", text):
+                target = target.split("#")[0]
+                if not target or "://" in target or target.startswith("mailto:"):
+                    continue
+                if not os.path.exists(os.path.join(REPO_ROOT, os.path.dirname(doc), target)):
+                    broken.append(f"{doc}: ({target})")
+        self.assertEqual(broken, [], "markdown links to files that do not exist")
+
     def test_every_documented_command_flag_exists(self):
         # train_net.py takes Detectron2's default_argument_parser() flags.
         with open(os.path.join(os.path.dirname(detectron2.__file__), "engine", "defaults.py")) as f:

@@ -52,8 +52,15 @@ def load_config(config_file="", opts=(), freeze=True, register_datasets=True):
     registered (every source of ``DATASET_SOURCE_REGISTRY``: demo datasets,
     ``DATASETS.COCO_JSON`` / ``VOC`` / ``COCO_OVD``, ...) unless ``register_datasets`` is False.
 
+    ``MODEL.DEVICE auto`` is resolved here (:func:`resolve_device`), so every model builder gets
+    ``cuda`` or ``cpu``.
+
     Returns:
         CfgNode: frozen unless ``freeze`` is False.
+
+    Raises:
+        UnknownConfigKeyError: a key of the file or of ``opts`` does not exist; the message names
+            the nearest existing keys.
     """
     cfg = get_cfg()
     add_kd_detr_config(cfg)
@@ -67,7 +74,7 @@ def load_config(config_file="", opts=(), freeze=True, register_datasets=True):
         match = _UNKNOWN_KEY.search(str(e))
         if match is None:
             raise
-        source = "command line" if "config key" not in str(e) else repr(config_file)
+        source = "command line" if "config key" not in str(e) else f"config file {config_file!r}"
         raise UnknownConfigKeyError(cfg, match.group(1), source) from None
     resolve_device(cfg)
     if register_datasets:

@@ -49,9 +49,14 @@ class _TrainNetCase:
 
     def test_train_writes_metrics_json_tensorboard_and_checkpoint(self):
         with open(os.path.join(self.out, "metrics_final.json")) as f:
-            final = json.load(f)
+            # Strict JSON: an undefined metric is null, never a bare NaN.
+            final = json.loads(f.read(), parse_constant=lambda c: self.fail(f"not JSON: {c}"))
         self.assertEqual(final["mode"], "train")
         self.assertEqual(final["max_iter"], 4)
+        # Batch, lr, max_iter and steps as configured and as run (same here: 1 process).
+        self.assertEqual(final["solver"]["configured"], final["solver"]["as_run"])
+        self.assertEqual(final["solver"]["as_run"]["MAX_ITER"], 4)
+        self.assertEqual(final["solver"]["as_run"]["STEPS"], [3])
         bbox = final["results"]["kd_demo_val"]["bbox"]
         for key in ("AP", "AP50", "AP75", "AP-circle", "AP-cross"):
             self.assertIn(key, bbox)
@@ -72,7 +77,7 @@ class _TrainNetCase:
             open(os.path.join(self.out, "metrics_final.json"))
         )["results"]["kd_demo_val"]
         for key, value in trained["bbox"].items():
-            if value == value:  # NaN for classes absent from the tiny val split
+            if value is not None and value == value:  # NaN / null: classes absent from the split
                 self.assertAlmostEqual(results["bbox"][key], value, places=6, msg=key)
         with open(os.path.join(out, "metrics_final.json")) as f:
             self.assertEqual(json.load(f)["mode"], "eval_only")

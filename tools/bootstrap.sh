@@ -51,7 +51,7 @@ mapfile -t pkgs < <(grep -vE '^\s*(#|$)' "$CONSTRAINTS" | sed -E 's/[=<>!~ ].*$/
 "$PY" -m pip install -q --disable-pip-version-check -c "$CONSTRAINTS" "${pkgs[@]}" >&2
 "$PY" "$ROOT/tools/install_detectron2.py" --force >&2
 "$PY" -m pip install -q --disable-pip-version-check --no-deps -e "$ROOT" >&2
-"$PY" -c "import detectron2.layers, kd_detr" >&2
+"$PY" -c "import kd_detr, detectron2.layers" >&2  # kd_detr first: it silences a jit FutureWarning
 echo "$want" > "$STAMP"
 log "environment ready: $PY"
 echo "$PY"

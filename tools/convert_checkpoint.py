@@ -25,6 +25,8 @@ DeformableDETR config converts detrex ``projects/deformable_detr`` checkpoints.
 one head per decoder layer: add MODEL.DETR.DINO.SHARE_HEADS False and detrex's position encoding
 MODEL.DETR.POSITION_TEMPERATURE 10000.0 MODEL.DETR.DINO.POSITION_OFFSET -0.5.
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import logging
 import sys

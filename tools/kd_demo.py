@@ -235,11 +235,11 @@ def main(argv=None):
     total = round(time.perf_counter() - start, 1)
     print(f"\nteacher: {args.teacher_config}\nstudent: {args.student_config}")
     print(f"KD:      {args.kd_config}")
-    headers = ["model", "seed", "iters", *METRICS, "train + eval s"]
+    headers = ["model", "seed", "iters", *(f"{k} (%)" for k in METRICS), "train + eval s"]
     print(tabulate(rows, headers=headers))
     print(
         f"\nKD-DETR - no KD, mean over seeds {args.seeds}: "
-        + ", ".join(f"{k} {summary[k]['gain']:+.1f}" for k in METRICS)
+        + ", ".join(f"{k} {summary[k]['gain']:+.1f} points" for k in METRICS)
     )
     print(f"whole job: {total:.0f} s")
     result = {

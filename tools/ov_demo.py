@@ -19,6 +19,8 @@ classifier; its text embeddings must come from the CLIP text encoder the model w
 (same size). For ViLD models --confidence-threshold is also the ROI heads' test score threshold.
 Config overrides go last: --opts KEY VALUE ...
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import logging
 import os

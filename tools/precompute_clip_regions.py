@@ -16,6 +16,8 @@ normalised. Results go to <output-root>/<hash of proposal source, CLIP model and
 .npz per image; a re-run skips the images already there. The folder is printed at the end: set
 MODEL.OV.VILD.REGION_CACHE_DIR to it.
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import logging
 import os

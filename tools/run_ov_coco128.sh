@@ -24,9 +24,11 @@ with open(sys.argv[1]) as f:
     metrics = json.load(f)
 for dataset, tasks in metrics["results"].items():
     box = tasks["bbox"]
-    print(f"{dataset}: COCO-OVD AP50 (per-class means; classes with ground truth)")
+    print(f"{dataset}: COCO-OVD AP50 in % (per-class means; classes with ground truth)")
     for split in ("novel", "base", "all"):
         num = int(box[f"AP50-{split}-num_classes"])
-        print(f"  {split:5s} AP50 {box[f'AP50-{split}']:7.3f}  ({num} classes)")
+        ap50 = box[f"AP50-{split}"]  # null (None) when undefined
+        ap50 = "n/a" if ap50 is None else f"{ap50:7.3f}"
+        print(f"  {split:5s} AP50 {ap50} %  ({num} classes)")
 print(f"train + eval seconds: {metrics.get('train_and_eval_seconds')}  ({sys.argv[1]})")
 PYEOF

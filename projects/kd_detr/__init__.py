@@ -8,6 +8,19 @@ layer, which registers everything: config keys, datasets and dataset sources, tr
 evaluators, backbones, class heads, meta-architectures, ROI heads, checkpoint converters, KD
 terms and pairings.
 """
+import warnings
+
+# fvcore.nn.focal_loss (imported by detectron2.layers) and detectron2.modeling.box_regression call
+# torch.jit.script at import time; torch >= 2.10 deprecates it with a FutureWarning that every
+# command printed twice. kd_detr itself never scripts. Only those two third-party imports are
+# silenced (the filter is undone after them), so a torch.jit.script call anywhere else still warns.
+with warnings.catch_warnings():
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+    )
+    import fvcore.nn  # noqa: F401  isort: skip
+    import detectron2.modeling  # noqa: F401  isort: skip
+
 from . import utils, compat, evaluation, data, config, modeling  # noqa: F401  (isort: skip)
 from . import checkpoint, distill, ov, engine  # noqa: F401  (isort: skip)
 from .config import add_kd_detr_config, load_config

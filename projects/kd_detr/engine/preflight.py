@@ -11,6 +11,7 @@ from detectron2.data import DatasetCatalog
 
 from ..data import check_image_files
 from ..evaluation import EVALUATOR_REGISTRY
+from .setup import StartupError
 
 __all__ = ["preflight_check"]
 
@@ -26,7 +27,7 @@ def _check_solver(cfg) -> None:
     for key, value in (("SOLVER.MAX_ITER", cfg.SOLVER.MAX_ITER), ("SOLVER.IMS_PER_BATCH",
                        cfg.SOLVER.IMS_PER_BATCH)):  # fmt: skip
         if value <= 0:
-            raise ValueError(f"{key} is {value}: training needs a positive value.")
+            raise StartupError(f"{key} is {value}: training needs a positive value.")
 
 
 def _check_output_dir(cfg) -> None:
@@ -36,7 +37,7 @@ def _check_output_dir(cfg) -> None:
         with tempfile.NamedTemporaryFile(dir=out, prefix=".kd_detr_write_test_"):
             pass
     except OSError as e:
-        raise ValueError(
+        raise StartupError(
             f"OUTPUT_DIR {out!r} cannot be written ({type(e).__name__}: {e.strerror or e}): "
             "choose a folder you can write to (OUTPUT_DIR path/to/folder)."
         ) from e
@@ -50,7 +51,7 @@ def _check_names(cfg, eval_only: bool) -> None:
     for key, names in keys:
         for name in names:
             if name not in registered:
-                raise ValueError(
+                raise StartupError(
                     f"{key} names {name!r}, which is not a registered dataset."
                     f"{_suggest(name, registered)} Register it with DATASETS.COCO_JSON / "
                     "DATASETS.VOC (or in code) first."
@@ -58,7 +59,7 @@ def _check_names(cfg, eval_only: bool) -> None:
     evaluator = cfg.TEST.EVALUATOR
     if cfg.DATASETS.TEST and evaluator not in EVALUATOR_REGISTRY:
         names = EVALUATOR_REGISTRY.names()
-        raise ValueError(
+        raise StartupError(
             f"TEST.EVALUATOR {evaluator!r} is not a registered evaluator; valid names: "
             f"{', '.join(sorted(names))}.{_suggest(evaluator, names)}"
         )
@@ -80,8 +81,8 @@ def _check_images(cfg, eval_only: bool) -> None:
         if cfg.DATALOADER.ON_BAD_IMAGE == "skip" and name in cfg.DATASETS.TRAIN:
             logger.warning(message + "; DATALOADER.ON_BAD_IMAGE skip: training skips them.")
         else:
-            raise ValueError(message + ", or set DATALOADER.ON_BAD_IMAGE skip to skip them in "
-                             "training.")  # fmt: skip
+            hint = ", or set DATALOADER.ON_BAD_IMAGE skip to skip them in training."
+            raise StartupError(message + hint)
 
 
 def preflight_check(cfg, *, eval_only: bool = False) -> None:
@@ -93,7 +94,8 @@ def preflight_check(cfg, *, eval_only: bool = False) -> None:
     exists; headers of up to 2,000 images per dataset match the annotated size).
 
     Raises:
-        ValueError: one clear line (or a short list of files) naming the problem and the fix.
+        StartupError (a ValueError): one clear line (or a short list of files) naming the
+        problem and the fix; train_net.py prints it without a traceback.
     """
     if not eval_only:
         _check_solver(cfg)

@@ -2,6 +2,8 @@
 """``Trainer``: Detectron2's DefaultTrainer with kd_detr's evaluators and CPU-DDP support."""
 import json
 import logging
+import math
+import numbers
 import os
 
 from detectron2.engine import DefaultTrainer
@@ -14,7 +16,7 @@ from ..evaluation import build_evaluator
 from .checkpointing import check_output_dir_is_free, safe_checkpointer_in_default_trainer
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "write_metrics_json"]
+__all__ = ["Trainer", "json_safe", "write_metrics_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,9 @@ class Trainer(DefaultTrainer):
 def write_metrics_json(cfg, results, extra=None):
     """Write evaluation ``results`` (and ``extra`` fields) as JSON; returns the path (main rank).
 
-    The file holds ``{"results": {dataset: {task: {metric: value}}}, **extra}``.
+    The file holds ``{"results": {dataset: {task: {metric: value}}}, **extra}``, AP values in
+    percent. It is strict JSON: an undefined metric (NaN, e.g. ``APl`` when the split has no large
+    object, or a class without ground truth) is written as ``null``, never as a bare ``NaN``.
     """
     if not comm.is_main_process():
         return None
@@ -101,6 +105,25 @@ def write_metrics_json(cfg, results, extra=None):
         results = {cfg.DATASETS.TEST[0]: results}
     payload = {"results": results, **(extra or {})}
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=float)
+        json.dump(json_safe(payload), f, indent=2, allow_nan=False)
     logger.info(f"Wrote final metrics to {path}")
     return path
+
+
+def json_safe(value):
+    """``value`` with numpy / torch scalars as Python numbers and NaN / infinity as ``None``
+    (nested dicts, lists and tuples), so that ``json.dump(..., allow_nan=False)`` accepts it."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # numpy / torch 0-d values
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    return value

@@ -400,7 +400,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
     def _derive_results(self, result: COCOBoxEvalResult) -> Dict[str, float]:
         """Detectron2-style metrics dict (percent) from a result; logs the AP tables."""
         metrics = result.summary()
-        logger.info("Evaluation results for bbox: \n" + create_small_table(metrics))
+        logger.info("Evaluation results for bbox (AP in %): \n" + create_small_table(metrics))
         if not np.isfinite(sum(metrics.values())):
             logger.info("Some metrics cannot be computed and are shown as NaN.")
 
@@ -411,7 +411,7 @@ class FastCOCOEvaluator(DatasetEvaluator):
             ap50 = result.per_class_ap50[dataset_id] * 100.0
             rows.append((name, ap, ap50))
             metrics["AP-" + name] = ap
-        logger.info("Per-category bbox AP: \n" + _per_class_table(rows))
+        logger.info("Per-category bbox AP (%): \n" + _per_class_table(rows))
         return metrics
 
 
@@ -420,5 +420,5 @@ def _per_class_table(rows, max_cols: int = 3) -> str:
     n = max(1, min(max_cols, len(rows)))
     flat = list(itertools.chain(*rows))
     lines = itertools.zip_longest(*[flat[i :: 3 * n] for i in range(3 * n)])
-    headers = ["category", "AP", "AP50"] * n
+    headers = ["category", "AP (%)", "AP50 (%)"] * n
     return tabulate(lines, tablefmt="pipe", floatfmt=".3f", headers=headers, numalign="left")

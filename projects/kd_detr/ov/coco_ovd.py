@@ -170,10 +170,10 @@ class COCOOVDEvaluator(FastCOCOEvaluator):
             rows.append((split, value, len(used), ", ".join(excluded) or "-"))
         self.last_ovd_summary = summary
         logger.info(
-            f"COCO-OVD AP50 (per-class mean, test vocabulary {len(names)} classes):\n"
+            f"COCO-OVD AP50 in % (per-class mean, test vocabulary {len(names)} classes):\n"
             + tabulate(
                 rows,
-                headers=["split", "AP50", "#classes", "excluded (no GT)"],
+                headers=["split", "AP50 (%)", "#classes", "excluded (no GT)"],
                 tablefmt="pipe",
                 floatfmt=".3f",
             )

@@ -291,7 +291,7 @@ class LVISEvaluator(FastCOCOEvaluator):
 
     def _derive_results(self, result: LVISBoxEvalResult) -> Dict[str, float]:
         metrics = {k: v * 100.0 for k, v in result.stats.items()}
-        logger.info("Evaluation results for bbox (LVIS): \n" + create_small_table(metrics))
+        logger.info("Evaluation results for bbox (LVIS, AP in %): \n" + create_small_table(metrics))
         names = {self._reverse_id_map[i]: n for i, n in enumerate(self._class_names)}
         summary, rows = {}, []
         for f in LVIS_FREQUENCIES:
@@ -306,10 +306,10 @@ class LVISEvaluator(FastCOCOEvaluator):
             rows.append((f, metrics["AP" + f], len(with_gt), len(ids) - len(with_gt)))
         self.last_lvis_summary = summary
         logger.info(
-            "LVIS AP by frequency (classes without ground truth are excluded):\n"
+            "LVIS AP (%) by frequency (classes without ground truth are excluded):\n"
             + tabulate(
                 rows,
-                headers=["frequency", "AP", "#classes", "#excluded (no GT)"],
+                headers=["frequency", "AP (%)", "#classes", "#excluded (no GT)"],
                 tablefmt="pipe",
                 floatfmt=".3f",
             )

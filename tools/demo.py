@@ -5,12 +5,12 @@ detections drawn by Detectron2's Visualizer, named with the dataset's class name
 
     # eager PyTorch, any config (weights as a config override, as in Detectron2's demo):
     python tools/demo.py --config-file configs/demo/dab_detr_efflite0_demo.yaml \\
-        --input "datasets/demo/*.jpg" --output demo_out/ --confidence-threshold 0.5 \\
+        --input "datasets/demo/*.jpg" --output output/demo/ --confidence-threshold 0.5 \\
         --opts MODEL.WEIGHTS output/demo_dab_detr/model_final.pth
     # an exported model (tools/export_model.py; its export.json gives size, format, classes):
-    python tools/demo.py --onnx export/model.onnx --input img.jpg --output demo_out/
+    python tools/demo.py --onnx export/model.onnx --input img.jpg --output output/demo/
     # a video:
-    python tools/demo.py --config-file ... --video-input clip.mp4 --output demo_out/ --opts ...
+    python tools/demo.py --config-file ... --video-input clip.mp4 --output output/demo/ --opts ...
 
 Open-vocabulary demos with a vocabulary chosen at run time: tools/ov_demo.py.
 """

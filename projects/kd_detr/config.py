@@ -9,6 +9,7 @@ from .distill.config import add_kd_config
 from .modeling.denoising.config import add_denoising_config
 from .modeling.meta_arch.deformable_config import add_deformable_detr_config
 from .modeling.meta_arch.dino_config import add_dino_config
+from .modeling.meta_arch.rtdetr_config import add_rtdetr_config
 from .ov.config import add_ov_config
 
 
@@ -22,6 +23,7 @@ def add_kd_detr_config(cfg):
     _add_dab_detr_config(cfg)
     add_deformable_detr_config(cfg)
     add_dino_config(cfg)
+    add_rtdetr_config(cfg)
     add_denoising_config(cfg)
     add_kd_config(cfg)
     add_ov_config(cfg)

@@ -18,6 +18,7 @@ from .hf_detr import (
     hf_detr_config_mismatches,
     read_hf_folder,
 )
+from .hf_rt_detr import convert_hf_rt_detr, hf_rt_detr_config_mismatches
 from .registry import CHECKPOINT_CONVERTERS, register_checkpoint_converter
 
 # Hugging Face ``config.json`` model_type -> (state-dict converter, config-mismatch checker).
@@ -27,3 +28,5 @@ HF_CONVERTERS["deformable_detr"] = (
     convert_hf_deformable_detr,
     hf_deformable_detr_config_mismatches,
 )
+HF_CONVERTERS["rt_detr"] = (convert_hf_rt_detr, hf_rt_detr_config_mismatches)
+HF_CONVERTERS["rt_detr_v2"] = (convert_hf_rt_detr, hf_rt_detr_config_mismatches)

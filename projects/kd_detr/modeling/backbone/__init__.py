@@ -15,3 +15,4 @@ from .resnet import (
     load_resnet_state_dict,
     save_detectron2_checkpoint,
 )
+from .resnet_vd import RESNET_VD_SPECS, ResNetVD, build_resnet_vd_backbone

@@ -3,3 +3,4 @@ from .dab_detr import DABDETR, block_diagonal_mask
 from .deformable_detr import DeformableDETR
 from .detr import DETR, padding_mask
 from .dino import DINO
+from .rtdetr import RTDETR

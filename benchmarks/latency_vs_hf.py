@@ -95,6 +95,19 @@ MODELS: Dict[str, ModelSpec] = {
         hf_kwargs=(("with_box_refine", True), ("two_stage", True)),
         opts=_REFINE + ("MODEL.DETR.DEFORMABLE.TWO_STAGE", "True"),
     ),
+    "rt_detr": ModelSpec(
+        hf_class="RTDetrForObjectDetection",
+        hf_config="RTDetrConfig",
+        config_file="configs/rt_detr/rt_detr_r50vd_6x_coco.yaml",
+        tiny_config_file="configs/tests/rt_detr_tiny_parity.yaml",
+    ),
+    "rt_detr_v2": ModelSpec(
+        hf_class="RTDetrV2ForObjectDetection",
+        hf_config="RTDetrV2Config",
+        config_file="configs/rt_detr/rt_detrv2_r50vd_6x_coco.yaml",
+        tiny_config_file="configs/tests/rt_detr_tiny_parity.yaml",
+        opts=("MODEL.RTDETR.VERSION", "2"),
+    ),
 }
 DEFAULT_MODELS = ("detr", "dab_detr", "deformable_detr", "deformable_detr_two_stage")
 
@@ -115,8 +128,32 @@ _TINY_COMMON = dict(
     num_queries=10,
     dropout=0.0,
 )
+# RT-DETR(v2): "paper" = the transformers defaults (ResNet-50-vd, = configs/rt_detr/*_r50vd_*),
+# "tiny" = configs/tests/rt_detr_tiny_parity.yaml (its twin in tests/test_rt_detr_parity.py).
+_RT_DETR_TINY = dict(
+    encoder_in_channels=[128, 256, 512],
+    d_model=64,
+    encoder_hidden_dim=64,
+    decoder_in_channels=[64, 64, 64],
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    decoder_layers=2,
+    num_queries=10,
+    num_labels=5,
+    decoder_n_points=2,
+    num_denoising=6,
+)
+_RT_DETR_PAPER = dict(num_labels=80)
 HF_PRESETS = {
-    "paper": {"DetrConfig": _PAPER, "DabDetrConfig": _PAPER, "DeformableDetrConfig": _PAPER},
+    "paper": {
+        "DetrConfig": _PAPER,
+        "DabDetrConfig": _PAPER,
+        "DeformableDetrConfig": _PAPER,
+        "RTDetrConfig": _RT_DETR_PAPER,
+        "RTDetrV2Config": _RT_DETR_PAPER,
+    },
     "tiny": {
         "DetrConfig": dict(_TINY_COMMON, d_model=64, decoder_layers=3),
         "DabDetrConfig": dict(_TINY_COMMON, hidden_size=64, decoder_layers=2),
@@ -128,8 +165,24 @@ HF_PRESETS = {
             encoder_n_points=2,
             decoder_n_points=2,
         ),
+        "RTDetrConfig": _RT_DETR_TINY,
+        "RTDetrV2Config": _RT_DETR_TINY,
     },
 }
+
+
+def _hf_backbone_kwargs(transformers, config_name: str, preset: str) -> Dict:
+    """The tiny RT-DETR twin's ResNet-18-vd backbone (the paper preset keeps the default R50vd)."""
+    if preset != "tiny" or not config_name.startswith("RTDetr"):
+        return {}
+    backbone = transformers.RTDetrResNetConfig(
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        layer_type="basic",
+        embedding_size=64,
+        out_indices=[2, 3, 4],
+    )
+    return {"backbone_config": backbone}
 
 
 def _require(name: str):
@@ -151,7 +204,7 @@ def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             if name.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
-            elif tensor.is_floating_point():
+            elif tensor.is_floating_point() and not name.endswith("n_points_scale"):
                 tensor.add_(0.02 * torch.randn(tensor.shape, generator=gen))
 
 
@@ -161,6 +214,7 @@ def build_hf_model(name: str, preset: str = "paper", seed: int = 0) -> torch.nn.
     _require("timm")
     spec = MODELS[name]
     kwargs = dict(HF_PRESETS[preset][spec.hf_config], **dict(spec.hf_kwargs))
+    kwargs.update(_hf_backbone_kwargs(transformers, spec.hf_config, preset))
     config = getattr(transformers, spec.hf_config)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, spec.hf_class)(config).eval()

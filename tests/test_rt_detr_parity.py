@@ -115,6 +115,10 @@ class TestRTDETRParity(HFParityTestCase):
     def test_parity_rt_detr(self):
         self.check(build_hf_rt_detr(self.transformers))
 
+    def test_parity_trainable_backbone_norm(self):
+        # R18vd / R34vd recipes train the backbone BatchNorm: the converter adds its counters.
+        self.check(build_hf_rt_detr(self.transformers, seed=3), ["MODEL.RESNET_VD.NORM", "BN"])
+
     def test_parity_rt_detr_v2(self):
         self.check(build_hf_rt_detr(self.transformers, seed=1, v2=True), V2)
 

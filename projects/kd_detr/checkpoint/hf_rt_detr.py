@@ -6,45 +6,20 @@ Supported: transformers' own ResNet-vd backbone (``rt_detr_resnet``, every Pekin
 checkpoint). Both key layouts are accepted (``o_proj`` / ``out_proj``, ``mlp.fc1`` / ``fc1``,
 ``model.backbone.model.`` / ``model.backbone.conv_encoder.model.``). RT-DETRv2 keeps a second,
 tied copy of the heads at the top level (``class_embed.*``, ``bbox_embed.*``); the decoder's copy
-is used. v2's ``n_points_scale`` buffer is derived from the config and dropped, and so are the
-backbone's ``num_batches_tracked`` counters (kd_detr's ResNet-vd keeps none).
+is used. v2's ``n_points_scale`` buffer is derived from the config and dropped. Hugging Face
+freezes the backbone's BatchNorm (no ``num_batches_tracked``); for a kd_detr config that trains
+it (``MODEL.RESNET_VD.NORM`` "BN", the R18vd / R34vd recipes) zero counters are added.
 """
 import re
 from typing import Dict, List, Mapping
 
 import torch
 
+from .hf_backbones import BACKBONE_PREFIXES, hf_resnet_vd_key
 from .hf_common import apply_rules
 
 __all__ = ["convert_hf_rt_detr", "hf_rt_detr_config_mismatches"]
 
-_NORM = r"(weight|bias|running_mean|running_var)"
-_BACKBONE = [
-    (
-        r"^embedder\.embedder\.(\d)\.convolution\.weight$",
-        lambda m: f"stem.conv{int(m[1]) + 1}.weight",
-    ),
-    (
-        rf"^embedder\.embedder\.(\d)\.normalization\.{_NORM}$",
-        lambda m: f"stem.conv{int(m[1]) + 1}.norm.{m[2]}",
-    ),
-    (
-        r"^encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.convolution\.weight$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.weight",
-    ),
-    (
-        rf"^encoder\.stages\.(\d)\.layers\.(\d+)\.layer\.(\d)\.normalization\.{_NORM}$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.norm.{m[4]}",
-    ),
-    (
-        r"^encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.(?:1\.)?convolution\.weight$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.weight",
-    ),
-    (
-        rf"^encoder\.stages\.(\d)\.layers\.(\d+)\.shortcut\.(?:1\.)?normalization\.{_NORM}$",
-        lambda m: f"res{int(m[1]) + 2}.{m[2]}.shortcut.norm.{m[3]}",
-    ),
-]
 _LAYER_PARTS = [
     (r"\.o_proj\.", ".out_proj."),
     (r"\.self_attn_layer_norm\.", ".norm1."),
@@ -63,7 +38,6 @@ _MODEL = [
     (r"^model\.decoder\.layers\.", "transformer.layers."),
     (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"\1."),
 ]
-_BACKBONE_PREFIXES = ("model.backbone.model.", "model.backbone.conv_encoder.model.")
 
 
 def _rename_layer_parts(key: str, is_decoder: bool) -> str:
@@ -74,9 +48,14 @@ def _rename_layer_parts(key: str, is_decoder: bool) -> str:
 
 
 def convert_hf_rt_detr(
-    hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mapping
+    hf_state_dict: Mapping[str, torch.Tensor], hf_config: Mapping, cfg=None
 ) -> Dict[str, torch.Tensor]:
     """Rename an RT-DETR / RT-DETRv2 state dict to kd_detr ``RTDETR`` keys.
+
+    Args:
+        hf_state_dict, hf_config: the Hugging Face weights and ``config.json``.
+        cfg: the kd_detr config (optional): with a trainable-BatchNorm backbone, zero
+            ``num_batches_tracked`` counters are added for its norms.
 
     Raises:
         ValueError: listing every key that no rule converts.
@@ -88,11 +67,11 @@ def convert_hf_rt_detr(
         )
     converted, unconverted, top_level = {}, [], {}
     for key, value in hf_state_dict.items():
-        prefix = next((p for p in _BACKBONE_PREFIXES if key.startswith(p)), None)
+        prefix = next((p for p in BACKBONE_PREFIXES if key.startswith(p)), None)
         if key.endswith("n_points_scale") or (prefix and key.endswith("num_batches_tracked")):
             continue
         if prefix is not None:
-            new = apply_rules(_BACKBONE, key[len(prefix) :])
+            new = hf_resnet_vd_key(key[len(prefix) :])
             new = None if new is None else "backbone." + new
         elif re.match(r"^(class_embed|bbox_embed)\.", key):  # v2's tied top-level copy
             top_level[key] = value
@@ -109,6 +88,11 @@ def convert_hf_rt_detr(
         converted.setdefault(key, value)
     if not any(k.startswith("backbone.") for k in converted):
         unconverted.append("(no backbone keys under model.backbone.model.)")
+    if cfg is not None and cfg.MODEL.RESNET_VD.NORM != "FrozenBN":
+        norms = [k[: -len("running_mean")] for k in converted if k.endswith(".running_mean")]
+        zero = torch.zeros((), dtype=torch.long)
+        norms = [k for k in norms if k.startswith("backbone.")]
+        converted.update({k + "num_batches_tracked": zero for k in norms})
     if unconverted:
         raise ValueError(
             f"{len(unconverted)} Hugging Face RT-DETR keys were not converted (unsupported model "

@@ -9,6 +9,7 @@ from .efficientnet_lite import (
     build_efficientnet_lite_fpn_backbone,
     build_efficientnet_lite_model,
 )
+from .hgnetv2 import HGNetV2, build_hgnetv2_backbone
 from .resnet import (
     convert_torchvision_resnet,
     infer_resnet_depth,

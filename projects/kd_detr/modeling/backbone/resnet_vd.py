@@ -132,9 +132,6 @@ class ResNetVD(Backbone):
             cin = width
             self._out_feature_channels[name] = width
             self._out_feature_strides[name] = 4 * 2**i
-        for m in self.modules():  # unused with a fixed momentum; checkpoints stay FrozenBN-like
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.num_batches_tracked = None
         self.freeze(freeze_at)
 
     def freeze(self, freeze_at: int = 0) -> "ResNetVD":

@@ -1,6 +1,6 @@
 # Copyright (c) kd_detr contributors.
-"""Config keys of RT-DETR / RT-DETRv2 (``MODEL.RTDETR``) and the ResNet-vd backbone
-(``MODEL.RESNET_VD``), added by add_kd_detr_config."""
+"""Config keys of RT-DETR / RT-DETRv2 (``MODEL.RTDETR``) and of the real-time family's backbones,
+ResNet-vd (``MODEL.RESNET_VD``) and HGNetv2 (``MODEL.HGNETV2``), added by add_kd_detr_config."""
 from detectron2.config import CfgNode as CN
 
 __all__ = ["add_rtdetr_config"]
@@ -17,6 +17,25 @@ def add_rtdetr_config(cfg):
     # Freeze the stem (1) and res2 .. res{FREEZE_AT} (>= 2); 0 trains everything.
     cfg.MODEL.RESNET_VD.FREEZE_AT = 0
     cfg.MODEL.RESNET_VD.STEM_CHANNELS = 64
+
+    # HGNetv2 ("build_hgnetv2_backbone", D-FINE's backbone): the architecture fields of
+    # transformers' HGNetV2Config; defaults = its defaults (PP-HGNetV2-B4, D-FINE-L).
+    cfg.MODEL.HGNETV2 = CN()
+    cfg.MODEL.HGNETV2.STEM_CHANNELS = [3, 32, 48]  # (input, middle, output)
+    cfg.MODEL.HGNETV2.STAGE_IN_CHANNELS = [48, 128, 512, 1024]
+    cfg.MODEL.HGNETV2.STAGE_MID_CHANNELS = [48, 96, 192, 384]
+    cfg.MODEL.HGNETV2.STAGE_OUT_CHANNELS = [128, 512, 1024, 2048]
+    cfg.MODEL.HGNETV2.STAGE_NUM_BLOCKS = [1, 1, 3, 1]
+    cfg.MODEL.HGNETV2.STAGE_DOWNSAMPLE = [False, True, True, True]
+    cfg.MODEL.HGNETV2.STAGE_LIGHT_BLOCK = [False, False, True, True]
+    cfg.MODEL.HGNETV2.STAGE_KERNEL_SIZE = [3, 3, 5, 5]
+    cfg.MODEL.HGNETV2.STAGE_NUM_LAYERS = [6, 6, 6, 6]
+    # Learnable affine blocks (a scalar scale and bias after every activation; D-FINE N/S/M).
+    cfg.MODEL.HGNETV2.USE_LAB = False
+    cfg.MODEL.HGNETV2.OUT_FEATURES = ["stage2", "stage3", "stage4"]
+    cfg.MODEL.HGNETV2.NORM = "FrozenBN"
+    # Freeze the stem (1) and stage1 .. stage{FREEZE_AT - 1}; 0 trains everything.
+    cfg.MODEL.HGNETV2.FREEZE_AT = 0
 
     # RT-DETR (meta-architecture "RTDETR"). Shared keys read from MODEL.DETR: NUM_CLASSES,
     # HIDDEN_DIM (decoder width d), NUM_QUERIES (top-K encoder tokens), DEC_LAYERS, NHEADS and

@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (register)
     official_deformable_detr,
     official_dino,
 )
+from .hf_d_fine import convert_hf_d_fine, hf_d_fine_config_mismatches
 from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches
 from .hf_deformable_detr import (
     convert_hf_deformable_detr,
@@ -30,3 +31,4 @@ HF_CONVERTERS["deformable_detr"] = (
 )
 HF_CONVERTERS["rt_detr"] = (convert_hf_rt_detr, hf_rt_detr_config_mismatches)
 HF_CONVERTERS["rt_detr_v2"] = (convert_hf_rt_detr, hf_rt_detr_config_mismatches)
+HF_CONVERTERS["d_fine"] = (convert_hf_d_fine, hf_d_fine_config_mismatches)

@@ -18,7 +18,12 @@ import torch
 from .hf_backbones import BACKBONE_PREFIXES, hf_resnet_vd_key
 from .hf_common import apply_rules
 
-__all__ = ["convert_hf_rt_detr", "hf_rt_detr_config_mismatches"]
+__all__ = [
+    "convert_hf_rt_detr",
+    "family_mismatches",
+    "hf_rt_detr_config_mismatches",
+    "rename_rt_detr_family",
+]
 
 _LAYER_PARTS = [
     (r"\.o_proj\.", ".out_proj."),
@@ -26,6 +31,7 @@ _LAYER_PARTS = [
     (r"\.encoder_attn_layer_norm\.", ".norm2."),
     (r"\.encoder_attn\.", ".cross_attn."),
     (r"\.(?:mlp\.)?fc(\d)\.", r".ffn.linear\1."),
+    (r"\.mlp\.layers\.(\d)\.", lambda m: f".ffn.linear{int(m[1]) + 1}."),  # D-FINE's MLP
 ]
 _MODEL = [
     (r"^model\.encoder_input_proj\.", "input_proj."),
@@ -34,7 +40,8 @@ _MODEL = [
     (r"^model\.denoising_class_embed\.", "denoising.label_enc."),
     (r"^model\.weight_embedding\.", "tgt_embed."),
     (r"^model\.(enc_output|enc_score_head|enc_bbox_head|decoder_input_proj)\.", r"\1."),
-    (r"^model\.decoder\.query_pos_head\.", "transformer.query_pos_head."),
+    (r"^model\.decoder\.(query_pos_head|pre_bbox_head|lqe_layers)\.", r"transformer.\1."),
+    (r"^model\.decoder\.(reg_scale|up)$", r"transformer.\1"),
     (r"^model\.decoder\.layers\.", "transformer.layers."),
     (r"^model\.decoder\.(class_embed|bbox_embed)\.", r"\1."),
 ]
@@ -65,15 +72,34 @@ def convert_hf_rt_detr(
             "convert_hf_rt_detr expects model_type 'rt_detr' or 'rt_detr_v2', got "
             f"{hf_config.get('model_type')!r}"
         )
+    norm = cfg.MODEL.RESNET_VD.NORM if cfg is not None else "FrozenBN"
+    return rename_rt_detr_family(hf_state_dict, hf_resnet_vd_key, norm, "RT-DETR")
+
+
+def rename_rt_detr_family(
+    hf_state_dict: Mapping[str, torch.Tensor], backbone_key, backbone_norm: str, model_name: str
+) -> Dict[str, torch.Tensor]:
+    """Rename the weights of an RT-DETR-family model (RT-DETR, RT-DETRv2, D-FINE).
+
+    Args:
+        hf_state_dict: the Hugging Face weights.
+        backbone_key: renames a backbone key (prefix stripped), None for unknown keys.
+        backbone_norm: the kd_detr backbone's norm; unless "FrozenBN" zero
+            ``num_batches_tracked`` counters are added (Hugging Face freezes the backbone BN).
+        model_name: how errors name the model.
+
+    Raises:
+        ValueError: listing every key that no rule converts.
+    """
     converted, unconverted, top_level = {}, [], {}
     for key, value in hf_state_dict.items():
         prefix = next((p for p in BACKBONE_PREFIXES if key.startswith(p)), None)
-        if key.endswith("n_points_scale") or (prefix and key.endswith("num_batches_tracked")):
+        if key.endswith("points_scale") or (prefix and key.endswith("num_batches_tracked")):
             continue
         if prefix is not None:
-            new = hf_resnet_vd_key(key[len(prefix) :])
+            new = backbone_key(key[len(prefix) :])
             new = None if new is None else "backbone." + new
-        elif re.match(r"^(class_embed|bbox_embed)\.", key):  # v2's tied top-level copy
+        elif re.match(r"^(class_embed|bbox_embed)\.", key):  # v2 / D-FINE's tied top copy
             top_level[key] = value
             continue
         else:
@@ -88,15 +114,15 @@ def convert_hf_rt_detr(
         converted.setdefault(key, value)
     if not any(k.startswith("backbone.") for k in converted):
         unconverted.append("(no backbone keys under model.backbone.model.)")
-    if cfg is not None and cfg.MODEL.RESNET_VD.NORM != "FrozenBN":
+    if backbone_norm != "FrozenBN":
         norms = [k[: -len("running_mean")] for k in converted if k.endswith(".running_mean")]
         zero = torch.zeros((), dtype=torch.long)
         norms = [k for k in norms if k.startswith("backbone.")]
         converted.update({k + "num_batches_tracked": zero for k in norms})
     if unconverted:
         raise ValueError(
-            f"{len(unconverted)} Hugging Face RT-DETR keys were not converted (unsupported model "
-            f"parts?): {sorted(unconverted)}"
+            f"{len(unconverted)} Hugging Face {model_name} keys were not converted (unsupported "
+            f"model parts?): {sorted(unconverted)}"
         )
     return converted
 
@@ -143,8 +169,21 @@ def hf_rt_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
     Returns:
         list[str]: one readable line per mismatch (empty when the configs agree).
     """
-    d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+    r = cfg.MODEL.RTDETR
     v2 = hf_config.get("model_type") == "rt_detr_v2"
+    problems = family_mismatches(hf_config, cfg, "RTDETR", v2)
+    if r.VERSION != (2 if v2 else 1):
+        problems.append(
+            f"model_type {hf_config.get('model_type')!r} but MODEL.RTDETR.VERSION={r.VERSION}"
+        )
+    return problems + _backbone_problems(hf_config, cfg)
+
+
+def family_mismatches(hf_config: Mapping, cfg, meta_arch: str, sampling: bool) -> List[str]:
+    """Mismatches of the settings RT-DETR, RT-DETRv2 and D-FINE share (sizes, sampling points,
+    denoising, losses, matcher, classes); ``sampling``: also compare v2's decoder_offset_scale
+    and decoder_method."""
+    d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
     points = list(r.DEC_N_POINTS)
     points = points * r.NUM_FEATURE_LEVELS if len(points) == 1 else points
     dn = d.DN.NUM_QUERIES if d.DN.ENABLED else 0
@@ -201,19 +240,16 @@ def hf_rt_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
     num_labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels")
     if num_labels != d.NUM_CLASSES:
         problems.append(f"num_labels={num_labels} but MODEL.DETR.NUM_CLASSES={d.NUM_CLASSES}")
-    if r.VERSION != (2 if v2 else 1):
-        problems.append(
-            f"model_type {hf_config.get('model_type')!r} but MODEL.RTDETR.VERSION={r.VERSION}"
-        )
-    hf_points = [hf_config.get("decoder_n_points")] * (
-        hf_config.get("decoder_n_levels", r.NUM_FEATURE_LEVELS) if v2 else r.NUM_FEATURE_LEVELS
-    )
+    hf_points = hf_config.get("decoder_n_points")
+    if not isinstance(hf_points, (list, tuple)):
+        hf_points = [hf_points] * hf_config.get("decoder_n_levels", r.NUM_FEATURE_LEVELS)
+    hf_points = list(hf_points)
     if hf_points != points:
         problems.append(
             f"decoder_n_points={hf_config.get('decoder_n_points')} but MODEL.RTDETR.DEC_N_POINTS="
             f"{list(r.DEC_N_POINTS)}"
         )
-    if v2:
+    if sampling:
         for hf_key, key, ours in [
             ("decoder_offset_scale", "MODEL.RTDETR.OFFSET_SCALE", r.OFFSET_SCALE),
             ("decoder_method", "MODEL.RTDETR.SAMPLING_METHOD", r.SAMPLING_METHOD),
@@ -222,6 +258,6 @@ def hf_rt_detr_config_mismatches(hf_config: Mapping, cfg) -> List[str]:
                 problems.append(f"{hf_key}={hf_config.get(hf_key)!r} but {key}={ours!r}")
     if hf_config.get("eval_size") is not None:
         problems.append("eval_size is set (Hugging Face then drops AIFI's position embedding)")
-    if cfg.MODEL.META_ARCHITECTURE != "RTDETR":
-        problems.append("MODEL.META_ARCHITECTURE must be 'RTDETR'")
-    return problems + _backbone_problems(hf_config, cfg)
+    if cfg.MODEL.META_ARCHITECTURE != meta_arch:
+        problems.append(f"MODEL.META_ARCHITECTURE must be {meta_arch!r}")
+    return problems

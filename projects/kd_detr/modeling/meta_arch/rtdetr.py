@@ -195,7 +195,7 @@ class RTDETR(DenoisingForwardMixin, DETR):
     @classmethod
     def from_config(cls, cfg):
         check_num_classes(cfg, "MODEL.DETR.NUM_CLASSES")
-        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+        r = cfg.MODEL.RTDETR
         backbone = build_backbone(cfg)
         points = list(r.DEC_N_POINTS)
         if len(points) == 1:
@@ -215,7 +215,12 @@ class RTDETR(DenoisingForwardMixin, DETR):
                 "0.5 and bilinear sampling: set MODEL.RTDETR.VERSION 2 for per-level points, "
                 "another offset scale or SAMPLING_METHOD 'discrete'"
             )
-        encoder = HybridEncoder(
+        return cls._from_config(cfg, backbone, points)
+
+    @classmethod
+    def _build_encoder(cls, cfg) -> HybridEncoder:
+        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+        return HybridEncoder(
             num_levels=len(r.IN_FEATURES),
             d=r.ENCODER_HIDDEN_DIM,
             heads=r.ENCODER_NHEADS,
@@ -229,8 +234,18 @@ class RTDETR(DenoisingForwardMixin, DETR):
             expansion=r.HIDDEN_EXPANSION,
             csp_blocks=r.CSP_BLOCKS,
             ccff_act=r.CCFF_ACTIVATION,
+            **cls._encoder_style(cfg),
         )
-        decoder = RTDETRDecoder(
+
+    @classmethod
+    def _encoder_style(cls, cfg) -> Dict:
+        """Extra HybridEncoder arguments of the subclass (D-FINE's fusion blocks)."""
+        return {}
+
+    @classmethod
+    def _build_decoder(cls, cfg, points: List[int]) -> nn.Module:
+        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+        return RTDETRDecoder(
             d_model=d.HIDDEN_DIM,
             num_layers=d.DEC_LAYERS,
             heads=d.NHEADS,
@@ -243,6 +258,22 @@ class RTDETR(DenoisingForwardMixin, DETR):
             kernel=d.DEFORMABLE.ATTN_KERNEL,
             look_forward_twice=r.LOOK_FORWARD_TWICE,
         )
+
+    @classmethod
+    def _loss_weights(cls, cfg) -> Dict[str, float]:
+        """Weights of one decoder layer's losses (the subclass adds its own)."""
+        d = cfg.MODEL.DETR
+        return {
+            "loss_class": d.CLASS_WEIGHT,
+            "loss_bbox": d.BBOX_WEIGHT,
+            "loss_giou": d.GIOU_WEIGHT,
+        }
+
+    @classmethod
+    def _from_config(cls, cfg, backbone, points):
+        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+        encoder = cls._build_encoder(cfg)
+        decoder = cls._build_decoder(cfg, points)
         matcher = HungarianMatcher(
             cost_class=d.COST_CLASS,
             cost_bbox=d.COST_BBOX,
@@ -251,8 +282,7 @@ class RTDETR(DenoisingForwardMixin, DETR):
             focal_alpha=r.MATCHER_ALPHA,
             focal_gamma=r.MATCHER_GAMMA,
         )
-        base = {"loss_class": d.CLASS_WEIGHT, "loss_bbox": d.BBOX_WEIGHT}
-        base["loss_giou"] = d.GIOU_WEIGHT
+        base = cls._loss_weights(cfg)
         weights = dict(base)
         if d.DEEP_SUPERVISION:
             for i in range(d.DEC_LAYERS - 1):
@@ -364,8 +394,8 @@ class RTDETR(DenoisingForwardMixin, DETR):
         composes the denoising mask with group blocks; "separate": one pass per extra group).
 
         Returns:
-            tuple: per set (hidden (L, B, N_i, d), references (L, B, N_i, 4), boxes
-            (L, B, N_i, 4)), and the denoising queries' triple or None.
+            tuple: per set the decoder's dict (tensors (L, B, N_i, ...) or (B, N_i, ...)), and
+            the denoising queries' dict or None.
         """
         args = (encoded["memory"], encoded["spatial_shapes"], list(self.bbox_embed))
         joint = queries if self.group_decoding == "masked" else queries[:1]
@@ -379,20 +409,17 @@ class RTDETR(DenoisingForwardMixin, DETR):
         else:
             mask = block_diagonal_mask(sizes, boxes[0].device) if len(sizes) > 1 else None
         out = self.transformer(torch.cat(contents, 1), torch.cat(boxes, 1), *args, mask)
-        parts = list(zip(*(t.split(sizes, dim=2) for t in out)))
+        split = {k: v.split(sizes, dim=v.dim() - 2) for k, v in out.items()}  # the query dim
+        parts = [{k: v[i] for k, v in split.items()} for i in range(len(sizes))]
         dn_part = parts.pop(0) if denoising is not None else None
         rest = [self.transformer(c, b, *args) for c, b in queries[len(joint) :]]
         return parts + rest, dn_part
 
-    def predict(self, hs, references, boxes) -> Dict[str, torch.Tensor]:
-        """Per-layer logits (L, B, N, C) from each layer's class head, with its boxes."""
+    def predict(self, decoded: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The decoder's outputs plus per-layer logits (L, B, N, C) of each layer's class head."""
+        hs = decoded["hidden_states"]
         logits = torch.stack([head(h) for head, h in zip(self.class_embed, hs)])
-        return {
-            "pred_logits": logits,
-            "pred_boxes": boxes,
-            "hidden_states": hs,
-            "reference_boxes": references,
-        }
+        return dict(decoded, pred_logits=logits)
 
     def forward_raw(
         self,
@@ -412,12 +439,12 @@ class RTDETR(DenoisingForwardMixin, DETR):
         groups = self._parse_groups(extra_query_groups or [], encoded["memory"].shape[0])
         detection, enc_outputs = self._detection_queries(encoded)
         decoded, dn_decoded = self.decode(encoded, [detection] + groups, denoising)
-        per_set = [self.predict(*out) for out in decoded]
+        per_set = [self.predict(out) for out in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)
         outputs["enc_outputs"] = enc_outputs
         if dn_decoded is not None:
-            outputs["denoising"] = dict(self.predict(*dn_decoded), queries=denoising)
+            outputs["denoising"] = dict(self.predict(dn_decoded), queries=denoising)
         return outputs
 
     # ---------------------------------------------------------------- losses

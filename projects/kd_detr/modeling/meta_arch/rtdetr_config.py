@@ -3,6 +3,8 @@
 ResNet-vd (``MODEL.RESNET_VD``) and HGNetv2 (``MODEL.HGNETV2``), added by add_kd_detr_config."""
 from detectron2.config import CfgNode as CN
 
+from .dfine_config import add_dfine_config
+
 __all__ = ["add_rtdetr_config"]
 
 
@@ -84,3 +86,4 @@ def add_rtdetr_config(cfg):
     cfg.MODEL.RTDETR.MATCHER_GAMMA = 2.0
     # Weight of the selected encoder tokens' losses (loss_*_enc) relative to the decoder's.
     cfg.MODEL.RTDETR.ENC_LOSS_WEIGHT = 1.0
+    add_dfine_config(cfg)  # D-FINE builds on these keys

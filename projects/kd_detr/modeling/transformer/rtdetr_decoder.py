@@ -7,7 +7,7 @@ v2 may give every level its own number of sampling points, scales offsets by ``o
 (0.5 = v1) and can sample the nearest cell ("discrete", for TensorRT without grid_sample)
 instead of bilinearly.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +73,7 @@ class RTDETRDeformableAttention(MSDeformAttn):
         offset_scale (float): 0.5 in RT-DETR (v1 and v2 default).
         method (str): "default" (bilinear) or "discrete" (nearest cell, v2 option).
         kernel (str): deformable-attention kernel for uniform points and "default".
+        projections (bool): value and output projections (D-FINE has none: identities).
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class RTDETRDeformableAttention(MSDeformAttn):
         offset_scale: float = 0.5,
         method: str = "default",
         kernel: str = "auto",
+        projections: bool = True,
     ):
         points = list(points)
         if method not in ("default", "discrete"):
@@ -98,6 +100,8 @@ class RTDETRDeformableAttention(MSDeformAttn):
         self.attention_weights = nn.Linear(d_model, n_heads * total)
         scale = torch.tensor([1.0 / p for p in points for _ in range(p)])
         self.register_buffer("point_scale", scale, persistent=False)
+        if not projections:
+            self.value_proj, self.output_proj = nn.Identity(), nn.Identity()
         self._reset_offsets()
 
     def _reset_offsets(self):
@@ -231,7 +235,7 @@ class RTDETRDecoder(nn.Module):
         spatial_shapes,
         box_heads: List[nn.Module],
         self_attn_mask: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> Dict[str, torch.Tensor]:
         """
         Args:
             content (Tensor): (B, N, d) initial content queries.
@@ -243,8 +247,8 @@ class RTDETRDecoder(nn.Module):
             self_attn_mask (Tensor): (N, N) or (B, N, N) bool, True = blocked.
 
         Returns:
-            tuple: hidden states (L, B, N, d), input reference boxes (L, B, N, 4) (detached) and
-            predicted boxes (L, B, N, 4).
+            dict: "hidden_states" (L, B, N, d), "reference_boxes" (L, B, N, 4) every layer's
+            input boxes (detached) and "pred_boxes" (L, B, N, 4).
         """
         x, ref = content, boxes.detach()
         prev = ref  # the undetached previous boxes (look forward twice)
@@ -260,4 +264,8 @@ class RTDETRDecoder(nn.Module):
             preds.append(pred)
             prev = (delta + inverse_sigmoid(ref)).sigmoid()
             ref = prev.detach()
-        return torch.stack(hs), torch.stack(refs), torch.stack(preds)
+        return {
+            "hidden_states": torch.stack(hs),
+            "reference_boxes": torch.stack(refs),
+            "pred_boxes": torch.stack(preds),
+        }

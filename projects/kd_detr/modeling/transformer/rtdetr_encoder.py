@@ -2,7 +2,9 @@
 """RT-DETR's hybrid encoder (Zhao et al., "DETRs Beat YOLOs on Real-time Object Detection", CVPR
 2024): attention-based intra-scale feature interaction (AIFI, a transformer encoder on the coarsest
 map only) and CNN-based cross-scale feature fusion (CCFF, a top-down FPN and a bottom-up PAN of
-CSP blocks made of RepVGG blocks). Module names follow transformers' ``RTDetrHybridEncoder``."""
+CSP blocks made of RepVGG blocks). D-FINE's variant (``style="dfine"``) fuses with RepNCSPELAN4
+blocks, downsamples with SCDown (1x1 conv, depthwise 3x3 stride-2 conv) and has linear lateral
+convs. Module names follow transformers' ``RTDetrHybridEncoder`` / ``DFineHybridEncoder``."""
 import math
 from typing import List, Sequence
 
@@ -25,9 +27,11 @@ def _activation(name: str) -> nn.Module:
 class ConvNormLayer(nn.Module):
     """Conv (no bias, 'same' padding) -> BatchNorm -> activation ("none": identity)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, act: str = "none"):
+    def __init__(self, cin, cout, kernel: int, stride: int = 1, act: str = "none", groups: int = 1):
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, stride, padding=(kernel - 1) // 2, bias=False)
+        self.conv = nn.Conv2d(
+            cin, cout, kernel, stride, padding=(kernel - 1) // 2, groups=groups, bias=False
+        )
         self.norm = nn.BatchNorm2d(cout)
         self.activation = _activation(act)
 
@@ -62,6 +66,41 @@ class CSPRepLayer(nn.Module):
 
     def forward(self, x):
         return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+
+
+class RepNCSPELAN4(nn.Module):
+    """D-FINE's fusion block: (B, 2d, H, W) -> (B, d, H, W). A 1x1 conv to 2d split in halves;
+    the second half goes through CSP + 3x3 conv twice (width ``c = round(expansion * d // 2)``);
+    the halves and both branch outputs are concatenated and projected to d."""
+
+    def __init__(self, d: int, expansion: float, num_blocks: int, act: str = "silu"):
+        super().__init__()
+        c = round(expansion * d // 2)
+        self.conv_dim = d
+        self.conv1 = ConvNormLayer(2 * d, 2 * d, 1, act=act)
+        self.csp_rep1 = CSPRepLayer(d, c, num_blocks, 1.0, act)
+        self.conv2 = ConvNormLayer(c, c, 3, act=act)
+        self.csp_rep2 = CSPRepLayer(c, c, num_blocks, 1.0, act)
+        self.conv3 = ConvNormLayer(c, c, 3, act=act)
+        self.conv4 = ConvNormLayer(2 * d + 2 * c, d, 1, act=act)
+
+    def forward(self, x):
+        parts = list(self.conv1(x).split((self.conv_dim, self.conv_dim), 1))
+        b1 = self.conv2(self.csp_rep1(parts[-1]))
+        b2 = self.conv3(self.csp_rep2(b1))
+        return self.conv4(torch.cat(parts + [b1, b2], 1))
+
+
+class SCDown(nn.Module):
+    """D-FINE's downsampling: 1x1 conv, then depthwise 3x3 stride-2 conv (both linear)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.conv1 = ConvNormLayer(d, d, 1)
+        self.conv2 = ConvNormLayer(d, d, 3, 2, groups=d)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
 
 
 def sincos_2d_position_embedding(height: int, width: int, dim: int, temperature: float, dtype):
@@ -133,8 +172,10 @@ class HybridEncoder(nn.Module):
         heads, ffn_dim, num_layers, dropout, act, pre_norm, temperature: AIFI's transformer.
         encode_levels (Sequence[int]): levels that get AIFI.
         expansion (float): CSP hidden width factor (RT-DETR R18/R34: 0.5, R50/R101: 1.0).
-        csp_blocks (int): RepVGG blocks per CSP block (3).
+        csp_blocks (int): RepVGG blocks per CSP block (3; D-FINE: round(3 x depth_mult)).
         ccff_act (str): activation of the fusion convs ("silu").
+        style (str): "rtdetr" (CSP fusion, activated lateral and stride-2 convs) or "dfine"
+            (RepNCSPELAN4 fusion, linear lateral convs, SCDown).
     """
 
     def __init__(
@@ -152,8 +193,11 @@ class HybridEncoder(nn.Module):
         expansion: float = 1.0,
         csp_blocks: int = 3,
         ccff_act: str = "silu",
+        style: str = "rtdetr",
     ):
         super().__init__()
+        if style not in ("rtdetr", "dfine"):
+            raise ValueError(f"HybridEncoder style must be 'rtdetr' or 'dfine', got {style!r}")
         bad = [i for i in encode_levels if not 0 <= i < num_levels]
         if bad:
             raise ValueError(
@@ -169,15 +213,22 @@ class HybridEncoder(nn.Module):
         )
         n = num_levels - 1
 
-        def csp():
+        dfine = style == "dfine"
+
+        def fuse():
+            if dfine:
+                return RepNCSPELAN4(d, expansion, csp_blocks, ccff_act)
             return CSPRepLayer(2 * d, d, csp_blocks, expansion, ccff_act)
 
-        self.lateral_convs = nn.ModuleList(ConvNormLayer(d, d, 1, act=ccff_act) for _ in range(n))
-        self.fpn_blocks = nn.ModuleList(csp() for _ in range(n))
-        self.downsample_convs = nn.ModuleList(
-            ConvNormLayer(d, d, 3, 2, act=ccff_act) for _ in range(n)
+        lateral_act = "none" if dfine else ccff_act
+        self.lateral_convs = nn.ModuleList(
+            ConvNormLayer(d, d, 1, act=lateral_act) for _ in range(n)
         )
-        self.pan_blocks = nn.ModuleList(csp() for _ in range(n))
+        self.fpn_blocks = nn.ModuleList(fuse() for _ in range(n))
+        self.downsample_convs = nn.ModuleList(
+            SCDown(d) if dfine else ConvNormLayer(d, d, 3, 2, act=ccff_act) for _ in range(n)
+        )
+        self.pan_blocks = nn.ModuleList(fuse() for _ in range(n))
         for m in self.modules():  # a 1x1/3x3 conv stack with BN: Kaiming-uniform default init
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5))

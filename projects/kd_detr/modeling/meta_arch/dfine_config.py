@@ -1,0 +1,22 @@
+# Copyright (c) kd_detr contributors.
+"""Config keys of D-FINE (``MODEL.DFINE``), added by add_rtdetr_config."""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_dfine_config"]
+
+
+def add_dfine_config(cfg):
+    # D-FINE (meta-architecture "DFINE") is RT-DETR with D-FINE's encoder blocks and decoder: it
+    # reads MODEL.RTDETR.* (encoder sizes; CSP_BLOCKS = round(3 x D-FINE's depth_mult);
+    # DEC_N_POINTS, OFFSET_SCALE, SAMPLING_METHOD; matcher alpha / gamma; VERSION is ignored),
+    # MODEL.DETR.* as RT-DETR does, and these keys.
+    cfg.MODEL.DFINE = CN()
+    # Every edge distance is a distribution over NUM_BINS + 1 bins of the weighting function.
+    cfg.MODEL.DFINE.NUM_BINS = 32
+    # Weighting-function curvature (REG_SCALE) and range (UP): bins span +-2 x UP x REG_SCALE.
+    cfg.MODEL.DFINE.REG_SCALE = 4.0
+    cfg.MODEL.DFINE.UP = 0.5
+    # Location-quality estimator: top-K probabilities per edge, MLP width and depth.
+    cfg.MODEL.DFINE.LQE_TOP_K = 4
+    cfg.MODEL.DFINE.LQE_HIDDEN_DIM = 64
+    cfg.MODEL.DFINE.LQE_LAYERS = 2

@@ -3,6 +3,7 @@
 D-FINE's hybrid-encoder blocks (RepNCSPELAN4, SCDown) and its decoder (gated projection-free
 deformable attention, fine-grained distribution refinement, location-quality estimator).
 """
+import re
 from typing import Dict, List
 
 import torch
@@ -11,11 +12,20 @@ from torch import nn
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 
+from ..box_ops import box_cxcywh_to_xyxy
 from ..transformer import MLP
 from ..transformer.dfine_decoder import DFineDecoder
+from .dfine_losses import ddf_loss, fgl_loss
 from .rtdetr import RTDETR
+from .rtdetr_criterion import _paired_iou, denoising_targets
 
 __all__ = ["DFINE"]
+
+
+def _dn_key(key: str) -> str:
+    """``loss_fgl_0`` -> ``loss_fgl_dn_0``, ``loss_class_pre`` -> ``loss_class_dn_pre``."""
+    match = re.match(r"^(loss_[a-z]+)(.*)$", key)
+    return f"{match[1]}_dn{match[2]}"
 
 
 @META_ARCH_REGISTRY.register()
@@ -30,16 +40,26 @@ class DFINE(RTDETR):
       class head before the LQE, with the coarse boxes).
     * Logits are the class head's plus the LQE score of the layer's distributions.
     * With equal encoder and decoder widths the decoder input projections are identities.
+    * Losses: RT-DETR's on every layer, the coarse boxes ("_pre"), the selected encoder tokens
+      ("_enc") and the denoising queries ("_dn"), plus ``loss_fgl`` (fine-grained localization)
+      on every layer and, with GO-LSD, ``loss_ddf`` (every layer but the last distills the last
+      one's distributions), see :mod:`.dfine_losses`.
     """
 
     @configurable
-    def __init__(self, *, num_bins: int = 32, **kwargs):
+    def __init__(
+        self, *, num_bins: int = 32, go_lsd: bool = True, ddf_temperature: float = 5.0, **kwargs
+    ):
         """
         Args:
             num_bins: bins per edge distribution minus one (``MODEL.DFINE.NUM_BINS``).
+            go_lsd: GO-LSD self-distillation (``loss_ddf``).
+            ddf_temperature: its temperature.
             kwargs: arguments of :class:`RTDETR`; ``transformer`` must be a DFineDecoder.
         """
         super().__init__(**kwargs)
+        self.go_lsd = go_lsd
+        self.ddf_temperature = ddf_temperature
         d, d_enc = self.transformer.d_model, self.encoder.d
         self.num_bins = num_bins
         num_layers = self.transformer.num_decoder_layers
@@ -63,7 +83,23 @@ class DFINE(RTDETR):
     @classmethod
     def from_config(cls, cfg):
         ret = super().from_config(cfg)
-        ret["num_bins"] = cfg.MODEL.DFINE.NUM_BINS
+        d, f = cfg.MODEL.DETR, cfg.MODEL.DFINE
+        base = cls._loss_weights(cfg)
+        box_terms = dict(base, loss_fgl=f.FGL_WEIGHT, loss_ddf=f.DDF_WEIGHT)
+        if not f.GO_LSD:
+            box_terms.pop("loss_ddf")
+        num = d.DEC_LAYERS
+        per_layer = {f"{k}_{i}": v for i in range(num - 1) for k, v in box_terms.items()}
+        weights = {k: v for k, v in box_terms.items() if k != "loss_ddf"}  # last layer
+        if d.DEEP_SUPERVISION:
+            weights.update(per_layer)
+        weights.update({f"{k}_pre": v for k, v in base.items()})
+        weights.update({f"{k}_enc": v * cfg.MODEL.RTDETR.ENC_LOSS_WEIGHT for k, v in base.items()})
+        if d.DN.ENABLED:
+            dn = {k: v for k, v in weights.items() if not k.endswith("_enc")}
+            weights.update({_dn_key(k): v for k, v in dn.items()})
+        ret["criterion"].weight_dict = weights
+        ret.update(num_bins=f.NUM_BINS, go_lsd=f.GO_LSD, ddf_temperature=f.DDF_TEMPERATURE)
         return ret
 
     @classmethod
@@ -101,3 +137,63 @@ class DFINE(RTDETR):
             [lqe(s, c) for lqe, s, c in zip(self.transformer.lqe_layers, raw, corners)]
         )
         return dict(decoded, pred_logits=logits, pre_logits=raw[0])
+
+    # ---------------------------------------------------------------- losses
+    def losses(self, outputs, targets) -> Dict[str, torch.Tensor]:
+        """Weighted losses (keys in ``criterion.weight_dict``): every layer's varifocal / L1 /
+        GIoU / FGL (+ DDF before the last layer), the coarse boxes', the selected encoder
+        tokens' and, training with denoising, the denoising queries' (fixed matching)."""
+        crit = self.criterion
+        num_boxes = crit.get_num_boxes(targets, outputs["pred_logits"].device)
+        loss_dict = self._set_losses(outputs["layers"], targets, None, num_boxes)
+        enc = outputs["enc_outputs"]
+        enc_terms = crit.layer_losses(enc, targets, crit.matcher(enc, targets), num_boxes)
+        loss_dict.update({f"{k}_enc": v for k, v in enc_terms.items()})
+        if self.training and self.denoising is not None:
+            dn = outputs.get("denoising")
+            if dn is None:  # no object: zeros keeping the label embedding in the graph
+                zero = outputs["pred_logits"].sum() * 0 + self.denoising.label_enc.weight.sum() * 0
+                loss_dict.update({k: zero for k in crit.weight_dict if "_dn" in k})
+            else:
+                queries = dn["queries"]
+                dn_targets, indices = denoising_targets(queries)
+                terms = self._set_losses(dn, dn_targets, indices, num_boxes * queries.num_groups)
+                loss_dict.update({_dn_key(k): v for k, v in terms.items()})
+        return {k: v * crit.weight_dict[k] for k, v in loss_dict.items() if k in crit.weight_dict}
+
+    def _set_losses(self, out, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
+        """Losses of one query set's layers ("pred_logits" (L, B, N, C), "pred_boxes",
+        "pred_corners", "initial_boxes", "pre_logits", "pre_boxes"); ``indices`` None: Hungarian
+        matching per layer, else that fixed matching (denoising)."""
+        crit, f = self.criterion, self.transformer
+        num = out["pred_logits"].shape[0]
+        losses = {}
+        layers = range(num) if self.aux_loss else [num - 1]
+        for i in layers:
+            layer = {"pred_logits": out["pred_logits"][i], "pred_boxes": out["pred_boxes"][i]}
+            idx = crit.matcher(layer, targets) if indices is None else indices
+            terms = crit.layer_losses(layer, targets, idx, num_boxes)
+            batch, src = crit._src_index(idx, layer["pred_boxes"].device)
+            tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, idx)])
+            tgt = box_cxcywh_to_xyxy(tgt.to(layer["pred_boxes"]))
+            iou = _paired_iou(box_cxcywh_to_xyxy(layer["pred_boxes"][batch, src].detach()), tgt)
+            corners = out["pred_corners"][i]
+            terms["loss_fgl"] = fgl_loss(
+                corners[batch, src], out["initial_boxes"][batch, src], tgt, iou,
+                self.num_bins, f.reg_scale, f.up, num_boxes,
+            )  # fmt: skip
+            if self.go_lsd and i < num - 1:
+                matched = torch.zeros(corners.shape[:2], dtype=torch.bool, device=corners.device)
+                matched[batch, src] = True
+                rowmajor = (batch * corners.shape[1] + src).argsort()  # the mask's order
+                terms["loss_ddf"] = ddf_loss(
+                    corners, out["pred_corners"][-1], out["pred_logits"][-1], matched,
+                    iou[rowmajor], self.num_bins, self.ddf_temperature,
+                )  # fmt: skip
+            suffix = "" if i == num - 1 else f"_{i}"
+            losses.update({k + suffix: v for k, v in terms.items()})
+        pre = {"pred_logits": out["pre_logits"], "pred_boxes": out["pre_boxes"]}
+        idx = crit.matcher(pre, targets) if indices is None else indices
+        terms = crit.layer_losses(pre, targets, idx, num_boxes)
+        losses.update({f"{k}_pre": v for k, v in terms.items()})
+        return losses

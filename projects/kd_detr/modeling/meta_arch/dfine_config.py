@@ -20,3 +20,12 @@ def add_dfine_config(cfg):
     cfg.MODEL.DFINE.LQE_TOP_K = 4
     cfg.MODEL.DFINE.LQE_HIDDEN_DIM = 64
     cfg.MODEL.DFINE.LQE_LAYERS = 2
+    # Losses added to RT-DETR's (varifocal / L1 / GIoU on every layer, the coarse layer-0 boxes
+    # "_pre", the selected encoder tokens "_enc" and the denoising queries "_dn"): fine-grained
+    # localization (loss_fgl) on every layer, and GO-LSD self-distillation (loss_ddf: every
+    # layer but the last learns the last layer's box distributions at temperature
+    # DDF_TEMPERATURE). D-FINE's weights: 0.15 and 1.5.
+    cfg.MODEL.DFINE.FGL_WEIGHT = 0.15
+    cfg.MODEL.DFINE.DDF_WEIGHT = 1.5
+    cfg.MODEL.DFINE.GO_LSD = True
+    cfg.MODEL.DFINE.DDF_TEMPERATURE = 5.0

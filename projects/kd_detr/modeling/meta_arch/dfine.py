@@ -103,6 +103,10 @@ class DFINE(RTDETR):
         return ret
 
     @classmethod
+    def _check_sampling(cls, cfg, points: List[int]) -> None:
+        """D-FINE samples like RT-DETRv2 (per-level points, offset scale, method)."""
+
+    @classmethod
     def _encoder_style(cls, cfg) -> Dict:
         return {"style": "dfine"}
 

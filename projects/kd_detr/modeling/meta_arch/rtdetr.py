@@ -205,6 +205,13 @@ class RTDETR(DenoisingForwardMixin, DETR):
                 f"MODEL.RTDETR.DEC_N_POINTS {list(r.DEC_N_POINTS)} needs one value or one per "
                 f"level (NUM_FEATURE_LEVELS={r.NUM_FEATURE_LEVELS})"
             )
+        cls._check_sampling(cfg, points)
+        return cls._from_config(cfg, backbone, points)
+
+    @classmethod
+    def _check_sampling(cls, cfg, points: List[int]) -> None:
+        """RT-DETR v1 allows only v1's sampling (D-FINE has no version)."""
+        r = cfg.MODEL.RTDETR
         if r.VERSION not in (1, 2):
             raise ValueError(f"MODEL.RTDETR.VERSION must be 1 or 2, got {r.VERSION}")
         if r.VERSION == 1 and (
@@ -215,7 +222,6 @@ class RTDETR(DenoisingForwardMixin, DETR):
                 "0.5 and bilinear sampling: set MODEL.RTDETR.VERSION 2 for per-level points, "
                 "another offset scale or SAMPLING_METHOD 'discrete'"
             )
-        return cls._from_config(cfg, backbone, points)
 
     @classmethod
     def _build_encoder(cls, cfg) -> HybridEncoder:

@@ -114,6 +114,13 @@ MODELS: Dict[str, ModelSpec] = {
         opts=("MODEL.RTDETR.VERSION", "2"),
         perturb_backbone=False,
     ),
+    "d_fine": ModelSpec(
+        hf_class="DFineForObjectDetection",
+        hf_config="DFineConfig",
+        config_file="configs/d_fine/dfine_hgnetv2_l_coco.yaml",
+        tiny_config_file="configs/tests/dfine_tiny_parity.yaml",
+        perturb_backbone=False,
+    ),
 }
 DEFAULT_MODELS = ("detr", "dab_detr", "deformable_detr", "deformable_detr_two_stage")
 
@@ -159,6 +166,7 @@ HF_PRESETS = {
         "DeformableDetrConfig": _PAPER,
         "RTDetrConfig": _RT_DETR_PAPER,
         "RTDetrV2Config": _RT_DETR_PAPER,
+        "DFineConfig": _RT_DETR_PAPER,
     },
     "tiny": {
         "DetrConfig": dict(_TINY_COMMON, d_model=64, decoder_layers=3),
@@ -173,13 +181,32 @@ HF_PRESETS = {
         ),
         "RTDetrConfig": _RT_DETR_TINY,
         "RTDetrV2Config": _RT_DETR_TINY,
+        "DFineConfig": dict(
+            _RT_DETR_TINY, encoder_in_channels=[256, 512, 1024], depth_mult=0.34
+        ),
     },
 }
 
 
 def _hf_backbone_kwargs(transformers, config_name: str, preset: str) -> Dict:
-    """The tiny RT-DETR twin's ResNet-18-vd backbone (the paper preset keeps the default R50vd)."""
-    if preset != "tiny" or not config_name.startswith("RTDetr"):
+    """The tiny twins' backbones: RT-DETR's ResNet-18-vd, D-FINE's HGNetv2-B0 (the paper preset
+    keeps the defaults, ResNet-50-vd and HGNetv2-B4)."""
+    if preset != "tiny":
+        return {}
+    if config_name == "DFineConfig":
+        b0 = transformers.HGNetV2Config(
+            stem_channels=[3, 16, 16],
+            stage_in_channels=[16, 64, 256, 512],
+            stage_mid_channels=[16, 32, 64, 128],
+            stage_out_channels=[64, 256, 512, 1024],
+            hidden_sizes=[64, 256, 512, 1024],
+            stage_num_blocks=[1, 1, 2, 1],
+            stage_numb_of_layers=[3, 3, 3, 3],
+            use_learnable_affine_block=True,
+            out_features=["stage2", "stage3", "stage4"],
+        )
+        return {"backbone_config": b0}
+    if not config_name.startswith("RTDetr"):
         return {}
     backbone = transformers.RTDetrResNetConfig(
         depths=[2, 2, 2, 2],
@@ -212,7 +239,9 @@ def perturb_(model: torch.nn.Module, seed: int = 0, backbone: bool = True) -> No
                 continue
             if name.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
-            elif tensor.is_floating_point() and not name.endswith("n_points_scale"):
+            elif tensor.is_floating_point() and not name.endswith(
+                ("points_scale", "decoder.reg_scale", "decoder.up")
+            ):
                 tensor.add_(0.02 * torch.randn(tensor.shape, generator=gen))
 
 

@@ -58,6 +58,19 @@ VARIANTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
     # decoder: configs/rt_detr/).
     "RT-DETR": ("configs/rt_detr/rt_detr_r50vd_6x_coco.yaml", ()),
     "RT-DETRv2": ("configs/rt_detr/rt_detrv2_r50vd_6x_coco.yaml", ()),
+    # D-FINE: its own HGNetv2 recipes (the backbone column names the HGNetv2 size; ResNet /
+    # EfficientNet-Lite backbones are not swapped in).
+    "D-FINE-N": ("configs/d_fine/dfine_hgnetv2_n_coco.yaml", ()),
+    "D-FINE-S": ("configs/d_fine/dfine_hgnetv2_s_coco.yaml", ()),
+    "D-FINE-M": ("configs/d_fine/dfine_hgnetv2_m_coco.yaml", ()),
+    "D-FINE-L": ("configs/d_fine/dfine_hgnetv2_l_coco.yaml", ()),
+}
+# Variants measured with their own backbone only (named in the table's backbone column).
+FIXED_BACKBONES = {
+    "D-FINE-N": "HGNetv2-B0",
+    "D-FINE-S": "HGNetv2-B0",
+    "D-FINE-M": "HGNetv2-B2",
+    "D-FINE-L": "HGNetv2-B4",
 }
 SINGLE_SCALE_ARCHS = ("DETR", "DABDETR")  # one stride-32 map; the others read strides 8/16/32
 BACKBONES = ("R18", "R50", "R101", "EfficientNet-Lite0", "EfficientNet-Lite2")
@@ -204,6 +217,8 @@ def backbone_opts(backbone: str, multi_scale: bool, arch: str = "") -> List[str]
     multi-scale: its stride 8/16/32 maps). EfficientNet-Lite is built without its weights.
     ``arch`` "RTDETR": ResNets are ResNet-vd and the encoder reads MODEL.RTDETR.IN_FEATURES."""
     depth = {"R18": 18, "R50": 50, "R101": 101}
+    if backbone.startswith("HGNetv2"):  # a D-FINE recipe's own backbone
+        return []
     if arch == "RTDETR" and backbone in depth:
         return ["MODEL.RESNET_VD.DEPTH", str(depth[backbone])]
     if backbone in depth:
@@ -346,7 +361,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         print(f"skipped {message}", file=sys.stderr)
     rows, unsupported = [], {}
     for variant in variants:
-        for backbone in args.backbones:
+        fixed = FIXED_BACKBONES.get(variant)
+        for backbone in [fixed] if fixed else args.backbones:
             result = measure(build_cfg(variant, backbone), height, width)
             unsupported.update(result.pop("unsupported"))
             rows.append(dict(result, variant=variant, backbone=backbone))

@@ -119,6 +119,15 @@ class TestParamsFlops(unittest.TestCase):
                     shapes = build_backbone(cfg).output_shape()
                     self.assertEqual(sorted(shapes), sorted(cfg.MODEL.RTDETR.IN_FEATURES))
 
+    def test_dfine_variants_keep_their_backbone(self):
+        cfg = self.bench.build_cfg("D-FINE-N", self.bench.FIXED_BACKBONES["D-FINE-N"])
+        self.assertEqual(cfg.MODEL.META_ARCHITECTURE, "DFINE")
+        self.assertEqual(list(cfg.MODEL.HGNETV2.OUT_FEATURES), ["stage3", "stage4"])
+        result = self.bench.measure(cfg, 320, 320)  # >= 300 tokens for query selection
+        self.assertAlmostEqual(result["params"] / 1e6, 3.78, delta=0.01)  # paper: 4M
+        self.assertGreater(result["flops"], result["backbone_flops"])
+        self.assertGreater(result["backbone_flops"], 0)
+
     def test_markdown_table_and_bad_size(self):
         row = dict(variant="DETR", backbone="R18", params=28.8e6, backbone_params=11.2e6)
         row.update(flops=4.71e9, backbone_flops=3.0e9)
@@ -153,7 +162,7 @@ class TestLatencyVsHF(unittest.TestCase):
             self.bench.compare("detr", ours, hf, size=64, reps=0)
 
     def test_tiny_rt_detr_comparisons(self):
-        for name in ("rt_detr", "rt_detr_v2"):
+        for name in ("rt_detr", "rt_detr_v2", "d_fine"):
             with self.subTest(model=name), self.bench.quiet_hf():
                 ours, hf = self.bench.build_pair(name, preset="tiny")
                 out = io.StringIO()

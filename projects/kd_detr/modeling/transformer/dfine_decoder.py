@@ -12,6 +12,7 @@ FDR), the distributions (logits) accumulating from layer to layer; a location-qu
 from typing import Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..box_ops import box_xyxy_to_cxcywh
@@ -169,7 +170,7 @@ class DFineDecoder(nn.Module):
     def integral(self, corners: torch.Tensor) -> torch.Tensor:
         """Expected edge distances (..., 4) of corner logits (..., 4 (num_bins + 1))."""
         prob = corners.reshape(*corners.shape[:-1], 4, self.num_bins + 1).softmax(-1)
-        return prob @ self.project().to(prob.dtype)
+        return F.linear(prob, self.project().to(prob.dtype)[None])[..., 0]
 
     def forward(
         self,

@@ -139,6 +139,39 @@ class TestGroupsAndKD(unittest.TestCase):
         torch.testing.assert_close(specific["boxes"], teacher_boxes)
 
 
+class TestEfficientNetLiteBackbone(unittest.TestCase):
+    def test_dfine_trains_on_efficientnet_lite0(self):
+        cfg = config_from(
+            CONFIG,
+            "MODEL.BACKBONE.NAME", "build_efficientnet_lite_backbone",
+            "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
+            "MODEL.EFFICIENTNET_LITE.OUT_FEATURES", "['stage3', 'stage4', 'stage5']",
+            "MODEL.RTDETR.IN_FEATURES", "['stage3', 'stage4', 'stage5']",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg).train()
+        x, _ = images()
+        batch = [{"image": img * 255, "instances": inst} for img, inst in zip(x, _instances())]
+        losses = model(batch)
+        sum(losses.values()).backward()
+        self.assertTrue(all(torch.isfinite(v) for v in losses.values()))
+        channels = [s.channels for s in model.backbone.output_shape().values()]
+        self.assertEqual(channels, [40, 112, 320])  # Lite0 stage3..stage5 into D-FINE
+        self.assertIsNotNone(model.input_proj[0][0].weight.grad)
+
+
+def _instances():
+    from detectron2.structures import Boxes, Instances
+
+    out = []
+    for i in range(2):
+        inst = Instances((96, 128))
+        inst.gt_boxes = Boxes(torch.tensor([[10.0, 10, 50, 60], [30, 20, 90, 80]])[: i + 1])
+        inst.gt_classes = torch.tensor([1, 3])[: i + 1]
+        out.append(inst)
+    return out
+
+
 class TestBCCDTraining(unittest.TestCase):
     def test_loss_decreases_on_real_images(self):
         dicts = load_voc_instances(shared_data("bccd"), "train", BCCD_CLASSES)[:2]

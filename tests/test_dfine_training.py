@@ -13,7 +13,13 @@ from detectron2.modeling import build_model
 
 from kd_detr.data import load_voc_instances
 from kd_detr.engine.optimizer import build_optimizer
-from kd_detr.modeling.meta_arch.dfine_losses import bbox2distance, ddf_loss, fgl_loss, translate_gt
+from kd_detr.modeling.meta_arch.dfine_losses import (
+    bbox2distance,
+    ddf_loss,
+    fgl_loss,
+    translate_gt,
+    union_indices,
+)
 from kd_detr.modeling.transformer.dfine_decoder import distance2bbox, weighting_function
 
 from .common import shared_data
@@ -103,6 +109,43 @@ class TestLossFormulas(unittest.TestCase):
         n_pos, n_neg = (len(pos) / 2) ** 0.5, (len(neg) / 2) ** 0.5
         expected = (sum(pos) / len(pos) * n_pos + sum(neg) / len(neg) * n_neg) / (n_pos + n_neg)
         self.assertAlmostEqual(loss.item(), expected, places=9)
+
+
+class TestUnionMatching(unittest.TestCase):
+    def test_union_keeps_each_querys_most_frequent_target(self):
+        t = torch.tensor
+        layers = [
+            [(t([0, 3]), t([1, 0])), (t([2]), t([0]))],
+            [(t([0, 5]), t([1, 0])), (t([2]), t([0]))],
+            [(t([0, 3]), t([0, 1])), (t([], dtype=torch.long), t([], dtype=torch.long))],
+        ]
+        (q0, t0), (q1, t1) = union_indices(layers)
+        # image 0: query 0 -> target 1 (twice) over 0 (once); query 3 -> 0 / 1 once each: the
+        # smaller pair (3, 0); query 5 -> 0. Image 1: query 2 -> 0.
+        self.assertEqual((q0.tolist(), t0.tolist()), ([0, 3, 5], [1, 0, 0]))
+        self.assertEqual((q1.tolist(), t1.tolist()), ([2], [0]))
+
+    def test_box_losses_use_the_union(self):
+        model = tiny_dfine().train()
+        x, _ = images()
+        batch = [{"image": img * 255, "instances": inst} for img, inst in zip(x, _instances())]
+        calls = []
+        original = model.criterion.loss_boxes
+
+        def spy(outputs, targets, indices, num_boxes):
+            calls.append(([q.tolist() for q, _ in indices], num_boxes))
+            return original(outputs, targets, indices, num_boxes)
+
+        model.criterion.loss_boxes = spy
+        torch.manual_seed(0)
+        model(batch)
+        matched = calls[0][0]
+        # every decoder layer, the coarse boxes and the encoder use the same union matching,
+        # normalised by its size (the denoising queries keep their fixed matching)
+        union_calls = [c for c in calls if c[0] == matched]
+        self.assertGreaterEqual(len(union_calls), 4)  # 2 layers + coarse + encoder
+        self.assertEqual(union_calls[0][1], float(sum(len(q) for q in matched)))
+        self.assertGreaterEqual(sum(len(q) for q in matched), 3)  # at least the 3 objects
 
 
 def tiny_dfine(*opts):

@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.utils import comm
 from detectron2.modeling import META_ARCH_REGISTRY
 
 from ..box_ops import box_cxcywh_to_xyxy
 from ..transformer import MLP
 from ..transformer.dfine_decoder import DFineDecoder
-from .dfine_losses import ddf_loss, fgl_loss
+from .dfine_losses import ddf_loss, fgl_loss, union_indices
 from .rtdetr import RTDETR
 from .rtdetr_criterion import _paired_iou, denoising_targets
 
@@ -48,18 +49,26 @@ class DFINE(RTDETR):
 
     @configurable
     def __init__(
-        self, *, num_bins: int = 32, go_lsd: bool = True, ddf_temperature: float = 5.0, **kwargs
+        self,
+        *,
+        num_bins: int = 32,
+        go_lsd: bool = True,
+        ddf_temperature: float = 5.0,
+        union_matching: bool = True,
+        **kwargs,
     ):
         """
         Args:
             num_bins: bins per edge distribution minus one (``MODEL.DFINE.NUM_BINS``).
             go_lsd: GO-LSD self-distillation (``loss_ddf``).
             ddf_temperature: its temperature.
+            union_matching: box losses on the union of all layers' matches (GO-LSD).
             kwargs: arguments of :class:`RTDETR`; ``transformer`` must be a DFineDecoder.
         """
         super().__init__(**kwargs)
         self.go_lsd = go_lsd
         self.ddf_temperature = ddf_temperature
+        self.union_matching = union_matching
         d, d_enc = self.transformer.d_model, self.encoder.d
         self.num_bins = num_bins
         num_layers = self.transformer.num_decoder_layers
@@ -99,7 +108,12 @@ class DFINE(RTDETR):
             dn = {k: v for k, v in weights.items() if not k.endswith("_enc")}
             weights.update({_dn_key(k): v for k, v in dn.items()})
         ret["criterion"].weight_dict = weights
-        ret.update(num_bins=f.NUM_BINS, go_lsd=f.GO_LSD, ddf_temperature=f.DDF_TEMPERATURE)
+        ret.update(
+            num_bins=f.NUM_BINS,
+            go_lsd=f.GO_LSD,
+            ddf_temperature=f.DDF_TEMPERATURE,
+            union_matching=f.UNION_MATCHING,
+        )
         return ret
 
     @classmethod
@@ -146,12 +160,20 @@ class DFINE(RTDETR):
     def losses(self, outputs, targets) -> Dict[str, torch.Tensor]:
         """Weighted losses (keys in ``criterion.weight_dict``): every layer's varifocal / L1 /
         GIoU / FGL (+ DDF before the last layer), the coarse boxes', the selected encoder
-        tokens' and, training with denoising, the denoising queries' (fixed matching)."""
+        tokens' and, training with denoising, the denoising queries' (fixed matching). With
+        union matching the box losses use the union of all layers' and the encoder's matches."""
         crit = self.criterion
         num_boxes = crit.get_num_boxes(targets, outputs["pred_logits"].device)
-        loss_dict = self._set_losses(outputs["layers"], targets, None, num_boxes)
-        enc = outputs["enc_outputs"]
-        enc_terms = crit.layer_losses(enc, targets, crit.matcher(enc, targets), num_boxes)
+        layers, enc = outputs["layers"], outputs["enc_outputs"]
+        own = [crit.matcher(self._layer(layers, i), targets) for i in self._loss_layers(layers)]
+        enc_idx = crit.matcher(enc, targets)
+        go, num_go = None, num_boxes
+        if self.union_matching:
+            go = union_indices(own + [enc_idx])
+            num_go = self._num_matched(go, enc["pred_logits"].device)
+        loss_dict = self._set_losses(layers, targets, own, num_boxes, go, num_go)
+        enc_terms = crit.loss_labels(enc, targets, enc_idx, num_boxes)
+        enc_terms.update(crit.loss_boxes(enc, targets, go or enc_idx, num_go))
         loss_dict.update({f"{k}_enc": v for k, v in enc_terms.items()})
         if self.training and self.denoising is not None:
             dn = outputs.get("denoising")
@@ -160,33 +182,60 @@ class DFINE(RTDETR):
                 loss_dict.update({k: zero for k in crit.weight_dict if "_dn" in k})
             else:
                 queries = dn["queries"]
-                dn_targets, indices = denoising_targets(queries)
-                terms = self._set_losses(dn, dn_targets, indices, num_boxes * queries.num_groups)
+                dn_targets, fixed = denoising_targets(queries)
+                n_dn = num_boxes * queries.num_groups
+                own_dn = [fixed] * len(self._loss_layers(dn))
+                terms = self._set_losses(dn, dn_targets, own_dn, n_dn, fixed, n_dn, fixed=True)
                 loss_dict.update({_dn_key(k): v for k, v in terms.items()})
         return {k: v * crit.weight_dict[k] for k, v in loss_dict.items() if k in crit.weight_dict}
 
-    def _set_losses(self, out, targets, indices, num_boxes) -> Dict[str, torch.Tensor]:
-        """Losses of one query set's layers ("pred_logits" (L, B, N, C), "pred_boxes",
-        "pred_corners", "initial_boxes", "pre_logits", "pre_boxes"); ``indices`` None: Hungarian
-        matching per layer, else that fixed matching (denoising)."""
-        crit, f = self.criterion, self.transformer
+    def _loss_layers(self, out) -> List[int]:
         num = out["pred_logits"].shape[0]
+        return list(range(num)) if self.aux_loss else [num - 1]
+
+    @staticmethod
+    def _layer(out, i: int) -> Dict[str, torch.Tensor]:
+        return {"pred_logits": out["pred_logits"][i], "pred_boxes": out["pred_boxes"][i]}
+
+    @staticmethod
+    def _num_matched(indices, device) -> float:
+        """Matched pairs per process (all-reduced), at least 1."""
+        total = torch.tensor([float(sum(len(q) for q, _ in indices))], device=device)
+        world = comm.get_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        return torch.clamp(total / world, min=1).item()
+
+    def _set_losses(self, out, targets, own, num_boxes, box_indices, num_box, fixed=False):
+        """Losses of one query set's layers ("pred_logits" (L, B, N, C), "pred_boxes",
+        "pred_corners", "initial_boxes", "pre_logits", "pre_boxes").
+
+        Args:
+            own: per loss layer, its matching (class losses, normalised by ``num_boxes``).
+            box_indices: the matching of the box losses (L1, GIoU, FGL, DDF) of every layer and
+                the coarse boxes, normalised by ``num_box``; None: each layer's own.
+            fixed: ``own`` is one fixed matching (denoising), also used for the coarse boxes.
+        """
+        crit, dec = self.criterion, self.transformer
+        layer_ids = self._loss_layers(out)
+        last = out["pred_logits"].shape[0] - 1
         losses = {}
-        layers = range(num) if self.aux_loss else [num - 1]
-        for i in layers:
-            layer = {"pred_logits": out["pred_logits"][i], "pred_boxes": out["pred_boxes"][i]}
-            idx = crit.matcher(layer, targets) if indices is None else indices
-            terms = crit.layer_losses(layer, targets, idx, num_boxes)
-            batch, src = crit._src_index(idx, layer["pred_boxes"].device)
-            tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, idx)])
+        for i, idx in zip(layer_ids, own):
+            layer = self._layer(out, i)
+            box_idx = idx if box_indices is None else box_indices
+            box_n = num_boxes if box_indices is None else num_box
+            terms = crit.loss_labels(layer, targets, idx, num_boxes)
+            terms.update(crit.loss_boxes(layer, targets, box_idx, box_n))
+            batch, src = crit._src_index(box_idx, layer["pred_boxes"].device)
+            tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, box_idx)])
             tgt = box_cxcywh_to_xyxy(tgt.to(layer["pred_boxes"]))
             iou = _paired_iou(box_cxcywh_to_xyxy(layer["pred_boxes"][batch, src].detach()), tgt)
             corners = out["pred_corners"][i]
             terms["loss_fgl"] = fgl_loss(
                 corners[batch, src], out["initial_boxes"][batch, src], tgt, iou,
-                self.num_bins, f.reg_scale, f.up, num_boxes,
+                self.num_bins, dec.reg_scale, dec.up, box_n,
             )  # fmt: skip
-            if self.go_lsd and i < num - 1:
+            if self.go_lsd and i < last:
                 matched = torch.zeros(corners.shape[:2], dtype=torch.bool, device=corners.device)
                 matched[batch, src] = True
                 rowmajor = (batch * corners.shape[1] + src).argsort()  # the mask's order
@@ -194,10 +243,14 @@ class DFINE(RTDETR):
                     corners, out["pred_corners"][-1], out["pred_logits"][-1], matched,
                     iou[rowmajor], self.num_bins, self.ddf_temperature,
                 )  # fmt: skip
-            suffix = "" if i == num - 1 else f"_{i}"
+            suffix = "" if i == last else f"_{i}"
             losses.update({k + suffix: v for k, v in terms.items()})
         pre = {"pred_logits": out["pre_logits"], "pred_boxes": out["pre_boxes"]}
-        idx = crit.matcher(pre, targets) if indices is None else indices
-        terms = crit.layer_losses(pre, targets, idx, num_boxes)
+        pre_idx = own[-1] if fixed else crit.matcher(pre, targets)
+        terms = crit.loss_labels(pre, targets, pre_idx, num_boxes)
+        if box_indices is None:
+            terms.update(crit.loss_boxes(pre, targets, pre_idx, num_boxes))
+        else:
+            terms.update(crit.loss_boxes(pre, targets, box_indices, num_box))
         losses.update({f"{k}_pre": v for k, v in terms.items()})
         return losses

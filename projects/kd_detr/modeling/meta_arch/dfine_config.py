@@ -29,3 +29,8 @@ def add_dfine_config(cfg):
     cfg.MODEL.DFINE.DDF_WEIGHT = 1.5
     cfg.MODEL.DFINE.GO_LSD = True
     cfg.MODEL.DFINE.DDF_TEMPERATURE = 5.0
+    # GO-LSD's union matching: the box losses (L1, GIoU, FGL, DDF) of every layer and of the
+    # coarse / encoder boxes use the union of all layers' and the encoder's matches (each query
+    # paired with its most frequent target), normalised by the union's size; the class losses
+    # keep each layer's own matching (official D-FINE's use_uni_set).
+    cfg.MODEL.DFINE.UNION_MATCHING = True

@@ -12,8 +12,11 @@
   matched and unmatched queries are averaged separately and mixed with weights
   sqrt(count / batch size). Any teacher with the same bins works, so the term also distills
   from another model.
+* GO-LSD's union matching (:func:`union_indices`): the box losses (L1, GIoU, FGL, DDF) of every
+  layer use the union of all layers' (and the encoder's) Hungarian matches, so a query matched in
+  any layer is localized in all of them; the class loss keeps each layer's own matching.
 """
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from ..transformer.dfine_decoder import weighting_function
 
 __all__ = [
+    "union_indices",
     "bbox2distance",
     "ddf_loss",
     "fgl_loss",
@@ -133,3 +137,32 @@ def ddf_loss(corners, teacher_corners, teacher_logits, matched, matched_iou, num
     loss_pos = kl[pos].mean() if pos.any() else kl.sum() * 0
     loss_neg = kl[~pos].mean() if (~pos).any() else kl.sum() * 0
     return (loss_pos * num_pos + loss_neg * num_neg) / (num_pos + num_neg)
+
+
+def union_indices(indices_per_layer: List[List[Tuple[torch.Tensor, torch.Tensor]]]):
+    """Union of several matchings of the same images (GO-LSD).
+
+    Args:
+        indices_per_layer: per layer, per image (query indices, target indices).
+
+    Returns:
+        list[tuple[Tensor, Tensor]]: per image, every query matched in some layer, paired with
+        the target it was matched to most often (ties: the pair ``torch.unique`` lists first,
+        i.e. the smaller (query, target)); queries in ascending order.
+    """
+    out = []
+    for per_image in zip(*indices_per_layer):
+        pairs = torch.cat([torch.stack([q, t], 1) for q, t in per_image]).long()
+        if len(pairs) == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            out.append((empty, empty.clone()))
+            continue
+        unique, counts = torch.unique(pairs, return_counts=True, dim=0)
+        order = torch.argsort(counts, descending=True, stable=True)
+        chosen = {}
+        for q, t in unique[order].tolist():
+            chosen.setdefault(q, t)
+        queries = sorted(chosen)
+        out.append((torch.tensor(queries), torch.tensor([chosen[q] for q in queries])))
+    return out
+

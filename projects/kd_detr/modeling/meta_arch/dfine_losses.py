@@ -165,4 +165,3 @@ def union_indices(indices_per_layer: List[List[Tuple[torch.Tensor, torch.Tensor]
         queries = sorted(chosen)
         out.append((torch.tensor(queries), torch.tensor([chosen[q] for q in queries])))
     return out
-

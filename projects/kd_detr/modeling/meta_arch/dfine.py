@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.utils import comm
 from detectron2.modeling import META_ARCH_REGISTRY
+from detectron2.utils import comm
 
 from ..box_ops import box_cxcywh_to_xyxy
 from ..transformer import MLP

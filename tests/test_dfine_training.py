@@ -223,14 +223,14 @@ class TestBCCDTraining(unittest.TestCase):
             "MODEL.DETR.NUM_CLASSES", "3", "MODEL.DETR.NUM_QUERIES", "40",
             "MODEL.DETR.DN.NUM_QUERIES", "40",
             "INPUT.MIN_SIZE_TRAIN", "(160,)", "INPUT.MAX_SIZE_TRAIN", "214",
-            "INPUT.RANDOM_FLIP", "none", "SOLVER.BASE_LR", "2e-3", "SOLVER.WEIGHT_DECAY", "0.0",
+            "INPUT.RANDOM_FLIP", "none", "SOLVER.BASE_LR", "1e-3", "SOLVER.WEIGHT_DECAY", "0.0",
         )  # fmt: skip
         torch.manual_seed(0)
         model = build_model(cfg).train()
         batch = [DatasetMapper(cfg, is_train=True)(dict(d)) for d in dicts]
         optimizer = build_optimizer(cfg, model)
         losses = []
-        for _ in range(16):
+        for _ in range(24):
             torch.manual_seed(len(losses))  # the same denoising noise in every run
             loss_dict = model(batch)
             optimizer.zero_grad()
@@ -239,9 +239,7 @@ class TestBCCDTraining(unittest.TestCase):
             # GO-LSD's loss_ddf starts at 0 (equal untrained distributions) and grows as the
             # layers learn different boxes: the detection losses are what must fall.
             losses.append(sum(v.item() for k, v in loss_dict.items() if "_ddf" not in k))
-        # D-FINE sums about twice RT-DETR's terms (coarse boxes, FGL, their denoising copies),
-        # which fall more slowly from random weights: 13% in 16 deterministic steps here.
-        self.assertLess(sum(losses[-3:]) / 3, 0.9 * sum(losses[:3]) / 3, losses)
+        self.assertLess(sum(losses[-3:]) / 3, 0.8 * sum(losses[:3]) / 3, losses)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,34 @@ class TestQueriesAndGroups(unittest.TestCase):
             alone = model.forward_raw(images, groups[1:])["groups"][0]
         torch.testing.assert_close(alone["pred_boxes"], with_groups["groups"][1]["pred_boxes"])
 
+    def test_padded_images_predict_in_their_own_frame(self):
+        """The models read the padded canvas as is; a padded image's boxes (outputs, groups,
+        denoising) are relative to the image, i.e. the canvas-frame boxes divided by
+        (w / W, h / H)."""
+        dfine_config = os.path.join(REPO_ROOT, "configs", "tests", "dfine_tiny_parity.yaml")
+        canvas = torch.zeros(1, 3, 96, 128)
+        canvas[..., :64, :96] = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(1, 96, 128, dtype=torch.bool)
+        mask[:, :64, :96] = False
+        scale = torch.tensor([96 / 128, 64 / 96, 96 / 128, 64 / 96])
+        boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.4], [0.3, 0.6, 0.2, 0.2]]])
+        for config in (CONFIG, dfine_config):
+            torch.manual_seed(0)
+            model = build_model(config_from(config)).eval()
+            perturb_box_heads([model.enc_bbox_head])
+            with torch.no_grad():
+                padded = model.forward_raw((canvas, mask), [{"boxes": boxes}])
+                unmasked = (canvas, torch.zeros_like(mask))
+                plain = model.forward_raw(unmasked, [{"boxes": boxes * scale}])
+            for name in ("layers", "enc_outputs"):
+                ours, canvas_frame = padded[name]["pred_boxes"], plain[name]["pred_boxes"]
+                torch.testing.assert_close(ours * scale, canvas_frame)
+            logits = padded["layers"]["pred_logits"]
+            torch.testing.assert_close(logits, plain["layers"]["pred_logits"])
+            group, plain_group = padded["groups"][0], plain["groups"][0]
+            torch.testing.assert_close(group["reference_boxes"][0], boxes)  # given = reported
+            torch.testing.assert_close(group["pred_boxes"] * scale, plain_group["pred_boxes"])
+
     def test_bad_group_is_refused(self):
         model = tiny_model()
         with self.assertRaisesRegex(ValueError, "'boxes' must be"):

@@ -7,6 +7,7 @@ backbone -> per-level 1x1 conv + BN -> hybrid encoder (AIFI + CCFF) -> per-level
 pre-processing, targets, output packing and top-k inference (:class:`DETR`) and DINO's training
 forward with denoising queries.
 """
+import dataclasses
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -33,6 +34,7 @@ from .dab_detr import block_diagonal_mask
 from .denoising_forward import DenoisingForwardMixin
 from .detr import DETR, ImagesLike
 from .rtdetr_criterion import VarifocalCriterion, denoising_targets
+from .rtdetr_frames import canvas_scale, to_canvas, to_image
 
 __all__ = ["RTDETR", "encoder_anchors"]
 
@@ -81,8 +83,10 @@ class RTDETR(DenoisingForwardMixin, DETR):
       truth copies decoded before the detection queries with the denoising mask (``loss_*_dn``).
     * Losses: varifocal ("loss_class"), L1, GIoU on every layer (deep supervision).
 
-    The images are not masked: RT-DETR has no padding mask (it trains on fixed square inputs); a
-    padded batch is read as is, and boxes stay relative to each image's unpadded size.
+    The images are not masked: RT-DETR has no padding mask (it trains on fixed square inputs). A
+    padded batch is read as is; the model works in the padded canvas' frame and its inputs and
+    outputs (groups, denoising, every "*boxes" output) are converted to / from each image's
+    unpadded frame (:mod:`.rtdetr_frames`), the identity without padding.
 
     Extra query groups (distillation) are dicts ``{"boxes": (B or 1, M, 4) cxcywh in [0, 1],
     "content": optional (B or 1, M, d), zeros when absent}``: the boxes are the group's reference
@@ -442,15 +446,21 @@ class RTDETR(DenoisingForwardMixin, DETR):
             per-layer outputs plus "queries".
         """
         encoded = self.encode(images)
+        scale = canvas_scale(images).to(encoded["memory"].device)  # see rtdetr_frames
         groups = self._parse_groups(extra_query_groups or [], encoded["memory"].shape[0])
+        groups = [(c, to_canvas(b, scale)) for c, b in groups]
         detection, enc_outputs = self._detection_queries(encoded)
-        decoded, dn_decoded = self.decode(encoded, [detection] + groups, denoising)
-        per_set = [self.predict(out) for out in decoded]
+        dn_canvas = None
+        if denoising is not None:
+            dn_canvas = dataclasses.replace(denoising, boxes=to_canvas(denoising.boxes, scale))
+        decoded, dn_decoded = self.decode(encoded, [detection] + groups, dn_canvas)
+        per_set = [to_image(self.predict(out), scale) for out in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)
-        outputs["enc_outputs"] = enc_outputs
+        outputs["enc_outputs"] = to_image(enc_outputs, scale)
         if dn_decoded is not None:
-            outputs["denoising"] = dict(self.predict(dn_decoded), queries=denoising)
+            dn_out = to_image(self.predict(dn_decoded), scale)
+            outputs["denoising"] = dict(dn_out, queries=denoising)
         return outputs
 
     # ---------------------------------------------------------------- losses

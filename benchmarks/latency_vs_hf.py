@@ -51,6 +51,9 @@ class ModelSpec:
         hf_kwargs: Hugging Face config arguments shared by both presets (variant switches).
         opts: kd_detr config overrides shared by both presets.
         paper_opts: kd_detr overrides of the ``paper`` preset only.
+        perturb_backbone: also perturb the backbone's weights. RT-DETR's ResNet-50-vd with
+            perturbed weights reaches activations of 1e6 and more, whose float32 rounding
+            drowns the comparison; its backbone keeps transformers' initialisation.
     """
 
     hf_class: str
@@ -60,6 +63,7 @@ class ModelSpec:
     hf_kwargs: Tuple[Tuple[str, object], ...] = ()
     opts: Tuple[str, ...] = ()
     paper_opts: Tuple[str, ...] = ()
+    perturb_backbone: bool = True
 
 
 _DEFORMABLE = dict(
@@ -95,6 +99,28 @@ MODELS: Dict[str, ModelSpec] = {
         hf_kwargs=(("with_box_refine", True), ("two_stage", True)),
         opts=_REFINE + ("MODEL.DETR.DEFORMABLE.TWO_STAGE", "True"),
     ),
+    "rt_detr": ModelSpec(
+        hf_class="RTDetrForObjectDetection",
+        hf_config="RTDetrConfig",
+        config_file="configs/rt_detr/rt_detr_r50vd_6x_coco.yaml",
+        tiny_config_file="configs/tests/rt_detr_tiny_parity.yaml",
+        perturb_backbone=False,
+    ),
+    "rt_detr_v2": ModelSpec(
+        hf_class="RTDetrV2ForObjectDetection",
+        hf_config="RTDetrV2Config",
+        config_file="configs/rt_detr/rt_detrv2_r50vd_6x_coco.yaml",
+        tiny_config_file="configs/tests/rt_detr_tiny_parity.yaml",
+        opts=("MODEL.RTDETR.VERSION", "2"),
+        perturb_backbone=False,
+    ),
+    "d_fine": ModelSpec(
+        hf_class="DFineForObjectDetection",
+        hf_config="DFineConfig",
+        config_file="configs/d_fine/dfine_hgnetv2_l_coco.yaml",
+        tiny_config_file="configs/tests/dfine_tiny_parity.yaml",
+        perturb_backbone=False,
+    ),
 }
 DEFAULT_MODELS = ("detr", "dab_detr", "deformable_detr", "deformable_detr_two_stage")
 
@@ -115,8 +141,33 @@ _TINY_COMMON = dict(
     num_queries=10,
     dropout=0.0,
 )
+# RT-DETR(v2): "paper" = the transformers defaults (ResNet-50-vd, = configs/rt_detr/*_r50vd_*),
+# "tiny" = configs/tests/rt_detr_tiny_parity.yaml (its twin in tests/test_rt_detr_parity.py).
+_RT_DETR_TINY = dict(
+    encoder_in_channels=[128, 256, 512],
+    d_model=64,
+    encoder_hidden_dim=64,
+    decoder_in_channels=[64, 64, 64],
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    decoder_layers=2,
+    num_queries=10,
+    num_labels=5,
+    decoder_n_points=2,
+    num_denoising=6,
+)
+_RT_DETR_PAPER = dict(num_labels=80)
 HF_PRESETS = {
-    "paper": {"DetrConfig": _PAPER, "DabDetrConfig": _PAPER, "DeformableDetrConfig": _PAPER},
+    "paper": {
+        "DetrConfig": _PAPER,
+        "DabDetrConfig": _PAPER,
+        "DeformableDetrConfig": _PAPER,
+        "RTDetrConfig": _RT_DETR_PAPER,
+        "RTDetrV2Config": _RT_DETR_PAPER,
+        "DFineConfig": _RT_DETR_PAPER,
+    },
     "tiny": {
         "DetrConfig": dict(_TINY_COMMON, d_model=64, decoder_layers=3),
         "DabDetrConfig": dict(_TINY_COMMON, hidden_size=64, decoder_layers=2),
@@ -128,8 +179,43 @@ HF_PRESETS = {
             encoder_n_points=2,
             decoder_n_points=2,
         ),
+        "RTDetrConfig": _RT_DETR_TINY,
+        "RTDetrV2Config": _RT_DETR_TINY,
+        "DFineConfig": dict(
+            _RT_DETR_TINY, encoder_in_channels=[256, 512, 1024], depth_mult=0.34
+        ),
     },
 }
+
+
+def _hf_backbone_kwargs(transformers, config_name: str, preset: str) -> Dict:
+    """The tiny twins' backbones: RT-DETR's ResNet-18-vd, D-FINE's HGNetv2-B0 (the paper preset
+    keeps the defaults, ResNet-50-vd and HGNetv2-B4)."""
+    if preset != "tiny":
+        return {}
+    if config_name == "DFineConfig":
+        b0 = transformers.HGNetV2Config(
+            stem_channels=[3, 16, 16],
+            stage_in_channels=[16, 64, 256, 512],
+            stage_mid_channels=[16, 32, 64, 128],
+            stage_out_channels=[64, 256, 512, 1024],
+            hidden_sizes=[64, 256, 512, 1024],
+            stage_num_blocks=[1, 1, 2, 1],
+            stage_numb_of_layers=[3, 3, 3, 3],
+            use_learnable_affine_block=True,
+            out_features=["stage2", "stage3", "stage4"],
+        )
+        return {"backbone_config": b0}
+    if not config_name.startswith("RTDetr"):
+        return {}
+    backbone = transformers.RTDetrResNetConfig(
+        depths=[2, 2, 2, 2],
+        hidden_sizes=[64, 128, 256, 512],
+        layer_type="basic",
+        embedding_size=64,
+        out_indices=[2, 3, 4],
+    )
+    return {"backbone_config": backbone}
 
 
 def _require(name: str):
@@ -142,16 +228,20 @@ def _require(name: str):
         )
 
 
-def perturb_(model: torch.nn.Module, seed: int = 0) -> None:
+def perturb_(model: torch.nn.Module, seed: int = 0, backbone: bool = True) -> None:
     """Small random changes to every float parameter and buffer (BatchNorm variances stay
     positive), so that no bias or norm keeps a constant initial value the comparison could hide
-    behind."""
+    behind; ``backbone`` False leaves ``model.backbone.*`` as initialised."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if not backbone and name.startswith("model.backbone."):
+                continue
             if name.endswith("running_var"):
                 tensor.copy_(0.5 + torch.rand(tensor.shape, generator=gen))
-            elif tensor.is_floating_point():
+            elif tensor.is_floating_point() and not name.endswith(
+                ("points_scale", "decoder.reg_scale", "decoder.up")
+            ):
                 tensor.add_(0.02 * torch.randn(tensor.shape, generator=gen))
 
 
@@ -161,10 +251,11 @@ def build_hf_model(name: str, preset: str = "paper", seed: int = 0) -> torch.nn.
     _require("timm")
     spec = MODELS[name]
     kwargs = dict(HF_PRESETS[preset][spec.hf_config], **dict(spec.hf_kwargs))
+    kwargs.update(_hf_backbone_kwargs(transformers, spec.hf_config, preset))
     config = getattr(transformers, spec.hf_config)(**kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, spec.hf_class)(config).eval()
-    perturb_(model, seed)
+    perturb_(model, seed, backbone=spec.perturb_backbone)
     return model
 
 

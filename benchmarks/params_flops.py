@@ -53,6 +53,24 @@ VARIANTS: Dict[str, Tuple[str, Tuple[str, ...]]] = {
         (),
     ),
     "DINO": ("configs/dino/dino_R_50_4scale_12ep_coco.yaml", ()),
+    # RT-DETR(v2): the R50vd recipes; R18 / R50 / R101 are ResNet-vd (MODEL.RESNET_VD.DEPTH) with
+    # the rest of the R50vd recipe (the R18vd / R34vd recipes also shrink the CSP width and the
+    # decoder: configs/rt_detr/).
+    "RT-DETR": ("configs/rt_detr/rt_detr_r50vd_6x_coco.yaml", ()),
+    "RT-DETRv2": ("configs/rt_detr/rt_detrv2_r50vd_6x_coco.yaml", ()),
+    # D-FINE: its own HGNetv2 recipes (the backbone column names the HGNetv2 size; ResNet /
+    # EfficientNet-Lite backbones are not swapped in).
+    "D-FINE-N": ("configs/d_fine/dfine_hgnetv2_n_coco.yaml", ()),
+    "D-FINE-S": ("configs/d_fine/dfine_hgnetv2_s_coco.yaml", ()),
+    "D-FINE-M": ("configs/d_fine/dfine_hgnetv2_m_coco.yaml", ()),
+    "D-FINE-L": ("configs/d_fine/dfine_hgnetv2_l_coco.yaml", ()),
+}
+# Variants measured with their own backbone only (named in the table's backbone column).
+FIXED_BACKBONES = {
+    "D-FINE-N": "HGNetv2-B0",
+    "D-FINE-S": "HGNetv2-B0",
+    "D-FINE-M": "HGNetv2-B2",
+    "D-FINE-L": "HGNetv2-B4",
 }
 SINGLE_SCALE_ARCHS = ("DETR", "DABDETR")  # one stride-32 map; the others read strides 8/16/32
 BACKBONES = ("R18", "R50", "R101", "EfficientNet-Lite0", "EfficientNet-Lite2")
@@ -194,10 +212,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def backbone_opts(backbone: str, multi_scale: bool) -> List[str]:
+def backbone_opts(backbone: str, multi_scale: bool, arch: str = "") -> List[str]:
     """Config overrides that put ``backbone`` under a recipe (single-scale: its stride-32 map;
-    multi-scale: its stride 8/16/32 maps). EfficientNet-Lite is built without its weights."""
+    multi-scale: its stride 8/16/32 maps). EfficientNet-Lite is built without its weights.
+    ``arch`` "RTDETR": ResNets are ResNet-vd and the encoder reads MODEL.RTDETR.IN_FEATURES."""
     depth = {"R18": 18, "R50": 50, "R101": 101}
+    if backbone.startswith("HGNetv2"):  # a D-FINE recipe's own backbone
+        return []
+    if arch == "RTDETR" and backbone in depth:
+        return ["MODEL.RESNET_VD.DEPTH", str(depth[backbone])]
     if backbone in depth:
         return ["MODEL.RESNETS.DEPTH", str(depth[backbone])] + (
             ["MODEL.RESNETS.RES2_OUT_CHANNELS", "64"] if depth[backbone] < 50 else []
@@ -211,6 +234,8 @@ def backbone_opts(backbone: str, multi_scale: bool) -> List[str]:
         "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
         "MODEL.EFFICIENTNET_LITE.OUT_FEATURES", str(stages),
     ]  # fmt: skip
+    if arch == "RTDETR":
+        return opts + ["MODEL.RTDETR.IN_FEATURES", str(stages)]
     if multi_scale:
         return opts + ["MODEL.DETR.DEFORMABLE.IN_FEATURES", str(stages)]
     return opts + ["MODEL.DETR.IN_FEATURE", "stage5"]
@@ -225,7 +250,7 @@ def build_cfg(variant: str, backbone: str, config_file: Optional[str] = None, op
     multi_scale = cfg.MODEL.META_ARCHITECTURE not in SINGLE_SCALE_ARCHS
     cfg.merge_from_list(
         list(variant_opts)
-        + backbone_opts(backbone, multi_scale)
+        + backbone_opts(backbone, multi_scale, cfg.MODEL.META_ARCHITECTURE)
         + list(opts)
         + ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
     )
@@ -326,7 +351,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
         print(f"skipped {message}", file=sys.stderr)
     rows, unsupported = [], {}
     for variant in variants:
-        for backbone in args.backbones:
+        fixed = FIXED_BACKBONES.get(variant)
+        for backbone in [fixed] if fixed else args.backbones:
             result = measure(build_cfg(variant, backbone), height, width)
             unsupported.update(result.pop("unsupported"))
             rows.append(dict(result, variant=variant, backbone=backbone))

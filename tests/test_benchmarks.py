@@ -108,6 +108,26 @@ class TestParamsFlops(unittest.TestCase):
         self.assertEqual(self.count(_Sampler("bilinear"), x, grid).total(), 4 * output_values)
         self.assertEqual(self.count(_Sampler("nearest"), x, grid).total(), output_values)
 
+    def test_rt_detr_variants_take_every_backbone(self):
+        from detectron2.modeling import build_backbone
+
+        for variant in ("RT-DETR", "RT-DETRv2"):
+            for backbone in ("R18", "EfficientNet-Lite0"):
+                with self.subTest(variant=variant, backbone=backbone):
+                    cfg = self.bench.build_cfg(variant, backbone)
+                    self.assertEqual(cfg.MODEL.META_ARCHITECTURE, "RTDETR")
+                    shapes = build_backbone(cfg).output_shape()
+                    self.assertEqual(sorted(shapes), sorted(cfg.MODEL.RTDETR.IN_FEATURES))
+
+    def test_dfine_variants_keep_their_backbone(self):
+        cfg = self.bench.build_cfg("D-FINE-N", self.bench.FIXED_BACKBONES["D-FINE-N"])
+        self.assertEqual(cfg.MODEL.META_ARCHITECTURE, "DFINE")
+        self.assertEqual(list(cfg.MODEL.HGNETV2.OUT_FEATURES), ["stage3", "stage4"])
+        result = self.bench.measure(cfg, 320, 320)  # >= 300 tokens for query selection
+        self.assertAlmostEqual(result["params"] / 1e6, 3.78, delta=0.01)  # paper: 4M
+        self.assertGreater(result["flops"], result["backbone_flops"])
+        self.assertGreater(result["backbone_flops"], 0)
+
     def test_markdown_table_and_bad_size(self):
         row = dict(variant="DETR", backbone="R18", params=28.8e6, backbone_params=11.2e6)
         row.update(flops=4.71e9, backbone_flops=3.0e9)
@@ -136,12 +156,21 @@ class TestLatencyVsHF(unittest.TestCase):
         self.assertIsNotNone(match, line)
         ours_ms, hf_ms, ratio = (float(v) for v in match.groups())
         self.assertGreater(ours_ms, 0)
-        # Both times are printed with one decimal: allow their rounding (0.05 ms each).
-        rounding = 0.05 * (1 + ours_ms / hf_ms) / hf_ms
+        # the printed times are rounded to 0.1 ms: allow that rounding's effect on the ratio
+        rounding = ratio * (0.05 / ours_ms + 0.05 / hf_ms)
         self.assertAlmostEqual(ratio, ours_ms / hf_ms, delta=0.002 + 1e-3 * ratio + rounding)
         self.assertLessEqual(result["max_abs_diff"], 1e-4)  # same weights: same outputs
         with self.assertRaisesRegex(ValueError, "reps >= 1"):
             self.bench.compare("detr", ours, hf, size=64, reps=0)
+
+    def test_tiny_rt_detr_comparisons(self):
+        for name in ("rt_detr", "rt_detr_v2", "d_fine"):
+            with self.subTest(model=name), self.bench.quiet_hf():
+                ours, hf = self.bench.build_pair(name, preset="tiny")
+                out = io.StringIO()
+                result = self.bench.compare(name, ours, hf, size=96, reps=1, warmup=0, out=out)
+                self.assertIn(f"model={name} ", out.getvalue())
+                self.assertLessEqual(result["max_abs_diff"], 1e-4)
 
     def test_interleaving_rotates_the_order(self):
         calls = []

@@ -21,6 +21,7 @@ CASES = {
     "DN-DABDETR": ("dab_detr_tiny_parity.yaml", ["MODEL.DETR.DN.ENABLED", "True"]),
     "DeformableDETR": ("deformable_detr_tiny_parity.yaml", []),
     "DINO": ("dino_tiny.yaml", []),
+    "RTDETR": ("rt_detr_tiny_parity.yaml", []),
 }
 
 

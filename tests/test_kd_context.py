@@ -39,6 +39,8 @@ MODELS = {
     "DABDETR": os.path.join(TESTS, "dab_detr_tiny_parity.yaml"),
     "DeformableDETR": os.path.join(TESTS, "deformable_detr_tiny_parity.yaml"),
     "DINO": os.path.join(TESTS, "dino_tiny.yaml"),
+    "RTDETR": os.path.join(TESTS, "rt_detr_tiny_parity.yaml"),
+    "DFINE": os.path.join(TESTS, "dfine_tiny_parity.yaml"),
 }
 
 setUpModule, tearDownModule = single_thread_module()
@@ -89,7 +91,7 @@ class TestDistillableInterface(unittest.TestCase):
             check_distillable(detr, "student", box_groups=True, what="MODEL.KD.POINTS consistent")
 
     def test_backbone_features_are_kept_only_when_asked(self):
-        for arch in ("DABDETR", "DeformableDETR"):
+        for arch in ("DABDETR", "DeformableDETR", "RTDETR"):
             model = build_model(config_from(MODELS[arch], *TINY_OPTS)).eval()
             images = (torch.rand(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
             with torch.no_grad():

@@ -21,20 +21,27 @@ from .common import REPO_ROOT
 
 class TestRegistrations(unittest.TestCase):
     def test_import_kd_detr_registers_everything(self):
-        self.assertEqual(CONFIG_EXTENSION_REGISTRY.names(), ["modeling", "distill", "ov", "engine"])
+        self.assertEqual(
+            CONFIG_EXTENSION_REGISTRY.names(),
+            ["modeling", "distill", "distill_dkd", "distill_fitnet", "ov", "engine"],
+        )
         self.assertEqual(set(EVALUATOR_REGISTRY.names()), {"coco", "coco_ovd", "lvis"})
         self.assertEqual(
             set(DATASET_SOURCE_REGISTRY.names()), {"KD_DEMO", "COCO_JSON", "VOC", "COCO_OVD"}
         )
         self.assertEqual(set(TRAIN_MAPPER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
-        self.assertIn("KDDETRLoss", KD_LOSS_REGISTRY)
+        for term in ("KDDETRLoss", "DKDLoss", "FitNetLoss"):
+            self.assertIn(term, KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 4)
-        for arch in ("DETR", "DABDETR", "DeformableDETR", "DINO", "ViLDRCNN"):
+        for arch in ("DETR", "DABDETR", "DeformableDETR", "DINO", "RTDETR", "DFINE", "ViLDRCNN"):
             self.assertIn(arch, META_ARCH_REGISTRY)
         self.assertIn("ViLDROIHeads", ROI_HEADS_REGISTRY)
         self.assertTrue({"hf", "detr", "dab_detr", "detrex"} <= set(CHECKPOINT_CONVERTERS))
-        self.assertEqual(set(HF_CONVERTERS), {"detr", "dab-detr", "deformable_detr"})
+        self.assertEqual(
+            set(HF_CONVERTERS),
+            {"detr", "dab-detr", "deformable_detr", "rt_detr", "rt_detr_v2", "d_fine"},
+        )
         self.assertTrue(hasattr(kd_detr, "load_config"))
 
     def test_named_registry(self):

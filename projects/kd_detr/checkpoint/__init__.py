@@ -7,6 +7,7 @@ from . import (  # noqa: F401  (register)
     official_deformable_detr,
     official_dino,
 )
+from .hf_d_fine import convert_hf_d_fine, hf_d_fine_config_mismatches
 from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches
 from .hf_deformable_detr import (
     convert_hf_deformable_detr,
@@ -18,6 +19,7 @@ from .hf_detr import (
     hf_detr_config_mismatches,
     read_hf_folder,
 )
+from .hf_rt_detr import convert_hf_rt_detr, hf_rt_detr_config_mismatches
 from .load_policy import HEAD_KEY_PATTERNS, loaded_keys, resume_load_policy, weights_load_policy
 from .registry import (
     CHECKPOINT_CONVERTERS,

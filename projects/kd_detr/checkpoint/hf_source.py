@@ -1,5 +1,6 @@
 # Copyright (c) kd_detr contributors.
 """``--source hf``: a Hugging Face ``save_pretrained`` folder (model type from its config.json)."""
+import inspect
 from typing import Dict
 
 import torch
@@ -31,4 +32,6 @@ def convert_hf_folder(source: str, cfg, coco_classes: str = "auto") -> Dict[str,
             f"{source} ({model_type}) does not match the kd_detr config:\n  - "
             + "\n  - ".join(problems)
         )
+    if "cfg" in inspect.signature(convert).parameters:  # converters that depend on the config
+        return convert(state_dict, config, cfg=cfg)
     return convert(state_dict, config)

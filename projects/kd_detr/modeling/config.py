@@ -6,18 +6,21 @@ from ..config import CONFIG_EXTENSION_REGISTRY
 from .denoising.config import add_denoising_config
 from .meta_arch.deformable_config import add_deformable_detr_config
 from .meta_arch.dino_config import add_dino_config
+from .meta_arch.rtdetr_config import add_rtdetr_config
 
 __all__ = ["add_modeling_config"]
 
 
 @CONFIG_EXTENSION_REGISTRY.register(name="modeling")
 def add_modeling_config(cfg):
-    """Add ``MODEL.EFFICIENTNET_LITE`` and ``MODEL.DETR`` (with DAB, DEFORMABLE, DINO, DN)."""
+    """Add ``MODEL.EFFICIENTNET_LITE``, ``MODEL.DETR`` (with DAB, DEFORMABLE, DINO, DN),
+    ``MODEL.RTDETR`` and ``MODEL.DFINE``."""
     _add_backbone_config(cfg)
     _add_detr_config(cfg)
     _add_dab_detr_config(cfg)
     add_deformable_detr_config(cfg)
     add_dino_config(cfg)
+    add_rtdetr_config(cfg)
     add_denoising_config(cfg)
 
 

@@ -19,7 +19,7 @@ def num_classes_key(cfg) -> Optional[str]:
     arch = cfg.MODEL.META_ARCHITECTURE
     if arch in _NUM_CLASSES_KEYS:
         return _NUM_CLASSES_KEYS[arch]
-    if "DETR" in cfg.MODEL and (arch.upper().endswith("DETR") or arch == "DINO"):
+    if "DETR" in cfg.MODEL and (arch.upper().endswith("DETR") or arch in ("DINO", "DFINE")):
         return "MODEL.DETR.NUM_CLASSES"
     return None
 

@@ -9,9 +9,11 @@ from .efficientnet_lite import (
     build_efficientnet_lite_fpn_backbone,
     build_efficientnet_lite_model,
 )
+from .hgnetv2 import HGNetV2, build_hgnetv2_backbone
 from .resnet import (
     convert_torchvision_resnet,
     infer_resnet_depth,
     load_resnet_state_dict,
     save_detectron2_checkpoint,
 )
+from .resnet_vd import RESNET_VD_SPECS, ResNetVD, build_resnet_vd_backbone

@@ -66,6 +66,15 @@ class TestOnnxEqualsEager(_TempCase):
     def test_dino(self):
         self.check("dino_tiny.yaml")
 
+    def test_rt_detr(self):
+        self.check("rt_detr_tiny_parity.yaml")
+
+    def test_rt_detr_v2(self):
+        self.check("rt_detr_tiny_parity.yaml", "MODEL.RTDETR.VERSION", "2")
+
+    def test_d_fine(self):
+        self.check("dfine_tiny_parity.yaml")
+
     def test_metadata_describes_the_graph(self):
         cfg, model = tiny_model("detr_tiny_parity.yaml")
         path = export_model(cfg, model, "onnx", self.tmp, IMAGE_SIZE, opset=16)

@@ -37,8 +37,8 @@ EXPORT_ADAPTERS.__doc__ = "Meta-architecture name -> export adapter class (model
 
 
 class DETRFamilyExportAdapter(nn.Module):
-    """DETR, DAB-DETR, Deformable DETR (incl. two-stage / box refine), DINO and their
-    open-vocabulary heads: ``forward_raw`` on (normalised padded images, padding mask), then
+    """DETR, DAB-DETR, Deformable DETR (incl. two-stage / box refine), DINO, RT-DETR (v1 / v2),
+    D-FINE and the open-vocabulary heads: ``forward_raw`` on (normalised padded images, padding mask), then
     :func:`topk_detections` as ``DETR.inference`` + ``detector_postprocess``.
 
     The vocabulary of an open-vocabulary class head is whatever the model holds in eval mode when
@@ -94,7 +94,7 @@ def register_export_adapter(meta_architecture: str, adapter_cls) -> None:
     EXPORT_ADAPTERS._do_register(meta_architecture, adapter_cls)
 
 
-for _name in ("DETR", "DABDETR", "DeformableDETR", "DINO"):
+for _name in ("DETR", "DABDETR", "DeformableDETR", "DINO", "RTDETR", "DFINE"):
     register_export_adapter(_name, DETRFamilyExportAdapter)
 
 

@@ -20,6 +20,7 @@ from kd_detr.config import UnknownConfigKeyError, load_config
 from kd_detr.engine import (
     KDTrainer,
     Trainer,
+    check_output_dir,
     launch,
     load_for_evaluation,
     preflight_check,
@@ -42,9 +43,9 @@ logger = logging.getLogger("kd_detr.train_net")
 def setup(args):
     """Build the frozen config (Detectron2 defaults + kd_detr keys + file + command line, its
     datasets registered), check the model's class count against the training (and test) data,
-    the device, the batch size and the run's inputs (``preflight_check``: solver, OUTPUT_DIR,
-    dataset and evaluator names, image files), and send kd_detr's log records to Detectron2's
-    console and ``OUTPUT_DIR/log.txt``."""
+    the device and the batch size, and send kd_detr's log records to Detectron2's console and
+    ``OUTPUT_DIR/log.txt``. ``main`` then checks the run's inputs (``preflight_check``: solver,
+    OUTPUT_DIR, dataset and evaluator names, image files) before building anything."""
     with hold_kd_detr_logs() as held:
         cfg = load_config(args.config_file, args.opts)
         check_num_classes(cfg, test=True)
@@ -52,7 +53,7 @@ def setup(args):
         if not args.eval_only:
             check_batch_size(cfg, comm.get_world_size())
             check_schedule(cfg, comm.get_world_size())
-        preflight_check(cfg, eval_only=args.eval_only)
+        check_output_dir(cfg)  # before default_setup writes its log and config there
     default_setup(cfg, args)
     setup_kd_detr_logger(held)
     return cfg
@@ -60,6 +61,7 @@ def setup(args):
 
 def main(args):
     cfg = setup(args)
+    preflight_check(cfg, eval_only=args.eval_only)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         load_for_evaluation(cfg, model, resume=args.resume)

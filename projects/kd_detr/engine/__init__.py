@@ -5,5 +5,5 @@ from .checkpointing import check_output_dir_is_free, load_for_evaluation
 from .kd_hooks import DistillationPointsHook, KDWeightSchedule, TeacherSanityHook
 from .kd_trainer import KDAMPTrainer, KDSimpleTrainer, KDStepMixin, KDTrainer, unwrap
 from .launch import launch
-from .preflight import preflight_check
+from .preflight import check_output_dir, preflight_check
 from .trainer import Trainer, write_metrics_json

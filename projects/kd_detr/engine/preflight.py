@@ -13,7 +13,7 @@ from ..data import check_image_files
 from ..evaluation import EVALUATOR_REGISTRY
 from .setup import StartupError
 
-__all__ = ["preflight_check"]
+__all__ = ["check_output_dir", "preflight_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ def _check_solver(cfg) -> None:
             raise StartupError(f"{key} is {value}: training needs a positive value.")
 
 
-def _check_output_dir(cfg) -> None:
+def check_output_dir(cfg) -> None:
+    """OUTPUT_DIR exists or can be created, and can be written (StartupError otherwise)."""
     out = cfg.OUTPUT_DIR
     try:
         os.makedirs(out, exist_ok=True)
@@ -68,7 +69,14 @@ def _check_names(cfg, eval_only: bool) -> None:
 def _check_images(cfg, eval_only: bool) -> None:
     names = list(cfg.DATASETS.TEST) + ([] if eval_only else list(cfg.DATASETS.TRAIN))
     for name in dict.fromkeys(names):
-        records = DatasetCatalog.get(name)
+        try:
+            records = DatasetCatalog.get(name)
+        except FileNotFoundError as e:
+            raise StartupError(
+                f"Dataset {name!r} cannot be loaded: {e}. Put its files where the registration "
+                "points (builtin COCO / LVIS: under $DETECTRON2_DATASETS, default ./datasets) or "
+                "register it from other files (DATASETS.COCO_JSON / DATASETS.VOC)."
+            ) from e
         problems = check_image_files(records)
         if not problems:
             continue
@@ -99,7 +107,7 @@ def preflight_check(cfg, *, eval_only: bool = False) -> None:
     """
     if not eval_only:
         _check_solver(cfg)
-    _check_output_dir(cfg)
+    check_output_dir(cfg)
     _check_names(cfg, eval_only)
     if cfg.DATALOADER.CHECK_IMAGES:
         _check_images(cfg, eval_only)

@@ -37,9 +37,10 @@ EXPORT_ADAPTERS.__doc__ = "Meta-architecture name -> export adapter class (model
 
 
 class DETRFamilyExportAdapter(nn.Module):
-    """DETR, DAB-DETR, Deformable DETR (incl. two-stage / box refine), DINO, RT-DETR (v1 / v2),
-    D-FINE and the open-vocabulary heads: ``forward_raw`` on (normalised padded images, padding mask), then
-    :func:`topk_detections` as ``DETR.inference`` + ``detector_postprocess``.
+    """DETR, DAB-DETR, Deformable DETR (incl. two-stage / box refine), DINO, RT-DETR (v1 /
+    v2), D-FINE and the open-vocabulary heads: ``forward_raw`` on (normalised padded images,
+    padding mask), then :func:`topk_detections` as ``DETR.inference`` +
+    ``detector_postprocess``.
 
     The vocabulary of an open-vocabulary class head is whatever the model holds in eval mode when
     the adapter is traced (its text embeddings become graph constants).

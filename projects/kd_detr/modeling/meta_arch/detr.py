@@ -296,16 +296,20 @@ class DETR(nn.Module):
 
         ``decode(encoded, sets, denoising) -> (per-set outputs, denoising outputs or None)``
         decodes them all at once. With ``group_checkpoint`` in training (with gradients and
-        extra groups), the detection set is decoded first and the groups in a second call under
-        activation checkpointing: their decoder activations are recomputed in the backward pass
-        instead of kept (the detection outputs are those of a pass without groups).
+        extra groups), the detection set is decoded first and each group in its own call under
+        activation checkpointing: the groups' decoder activations are recomputed in the backward
+        pass, one group at a time, instead of kept (the detection outputs are those of a pass
+        without groups).
         """
         grouped = self.group_checkpoint and self.training and len(sets) > 1
         if not (grouped and torch.is_grad_enabled()):
             return decode(encoded, sets, denoising)
         first, dn = decode(encoded, sets[:1], denoising)
-        rest, _ = checkpoint(decode, encoded, sets[1:], None, use_reentrant=False)
-        return list(first) + list(rest), dn
+        rest = []
+        for group in sets[1:]:  # one checkpoint per group: the backward recomputes one at a time
+            decoded, _ = checkpoint(decode, encoded, [group], None, use_reentrant=False)
+            rest += list(decoded)
+        return list(first) + rest, dn
 
     def predict(self, hs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Heads: (..., d) -> logits (..., K) and sigmoid cxcywh boxes (..., 4)."""

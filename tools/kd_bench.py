@@ -368,10 +368,11 @@ class Bench:
                 print(f"{head} finished before, skipped (AP {run['bbox']['AP']:.1f})", flush=True)
                 continue
             left = [self._estimate(r) for r in self.runs[i:] if r.get("state") != "finished"]
-            eta = "unknown" if None in left else _duration(sum(left))
-            est = self._estimate(run)
-            print(f"{head} training, ~{_duration(est) if est else '?'} (bench ETA {eta}); log "
-                  f"{run['out_dir']}/log.txt", flush=True)  # fmt: skip
+            if None in left:
+                when = "run time and bench ETA known after the first run"
+            else:
+                when = f"~{_duration(self._estimate(run))}, bench ETA {_duration(sum(left))}"
+            print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
             record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
                                label=f"{run['arm']} seed {run['seed']}", run_hash=run["hash"],
                                max_iter=self.iters,

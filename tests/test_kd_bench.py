@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import sys
 import tempfile
 import unittest
@@ -104,6 +105,7 @@ def _main(argv):
 class TestArmsFile(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="kd_bench_")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
 
     def test_mapping_and_list_forms(self):
         spec = load_arms(
@@ -178,6 +180,7 @@ class TestPlan(unittest.TestCase):
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="kd_bench_")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
         self.arms = _arms_file(self.tmp)
 
     def _bench(self, extra):
@@ -246,6 +249,7 @@ class TestTinyRuns(unittest.TestCase):
 
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="kd_bench_")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
 
     def _run(self, arms, extra):
         argv = [arms, "--output", os.path.join(self.tmp, "out"), "--teacher-cache", "none",

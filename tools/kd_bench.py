@@ -137,7 +137,10 @@ class Bench:
             self.arms = [a for a in spec.arms if a.name in args.arms]
         self.iters = _pick(getattr(args, "iters", None), spec.iters)
         self.seeds = _pick(args.seeds, spec.seeds, [0])
-        self.baseline = _pick(getattr(args, "baseline", None), spec.baseline, self.arms[0].name)
+        names = [a.name for a in self.arms]
+        self.baseline = getattr(args, "baseline", None)
+        if self.baseline is None:  # the file's baseline, unless --arms left it out
+            self.baseline = spec.baseline if spec.baseline in names else names[0]
         self.teacher_config = _pick(args.teacher_config, spec.teacher_config)
         self.teacher_iters = _pick(args.teacher_iters, spec.teacher_iters, 1500)
         self.teacher_opts = list(_pick(args.teacher_opts, spec.teacher_opts, []))
@@ -150,7 +153,7 @@ class Bench:
         if not self.iters or self.iters < 1:
             raise BenchError(f"{arms_file}: no iterations (set 'iters:' or --iters N >= 1)")
         if self.baseline not in {a.name for a in self.arms}:
-            raise BenchError(f"baseline {self.baseline!r} is not one of the arms")
+            raise BenchError(f"--baseline {self.baseline!r} is not one of the arms {names}")
         self.data = self._resolve_data()
         self._plan()
 

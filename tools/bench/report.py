@@ -111,6 +111,7 @@ def write_chart(result, path):
     ax.bar(range(len(arms)), means, yerr=stds, capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(arms)))
     ax.set_xticklabels([a["name"] for a in arms], rotation=30, ha="right")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel(f"box AP (mean ± std over {len(result['seeds'])} seed(s))")
     teacher = result.get("teacher")
     if teacher and teacher.get("bbox"):

@@ -55,7 +55,7 @@ from bench import (  # noqa: E402; fmt: skip
 )
 from bench.arms import DATA_KEYS  # noqa: E402
 from bench.data import split_classes  # noqa: E402
-from bench.report import METRICS, SUMMARY_HEADERS, run_rows, summary_rows  # noqa: E402
+from bench.report import METRICS, duration, print_tables  # noqa: E402
 from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
 
 
@@ -146,9 +146,8 @@ class Bench:
         self.teacher_opts = list(_pick(args.teacher_opts, spec.teacher_opts, []))
         self.teacher_weights = _pick(args.teacher_weights, spec.teacher_weights)
         self.base_entries = {}
-        self.output = os.path.abspath(
-            args.output or os.path.join("output", "kd_bench", os.path.basename(arms_file)[:-5])
-        )
+        stem = os.path.splitext(os.path.basename(arms_file))[0]
+        self.output = os.path.abspath(args.output or os.path.join("output", "kd_bench", stem))
         self._check_files()
         if not self.iters or self.iters < 1:
             raise BenchError(f"{arms_file}: no iterations (set 'iters:' or --iters N >= 1)")
@@ -374,7 +373,7 @@ class Bench:
             if None in left:
                 when = "run time and bench ETA known after the first run"
             else:
-                when = f"~{_duration(self._estimate(run))}, bench ETA {_duration(sum(left))}"
+                when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
             print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
             record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
                                label=f"{run['arm']} seed {run['seed']}", run_hash=run["hash"],
@@ -382,7 +381,7 @@ class Bench:
                                record={k: run[k] for k in ("arm", "seed", "config", "opts")})
             # fmt: skip
             run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
-            print(f"{head} done in {_duration(record['seconds'])}, " + ", ".join(
+            print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
                 f"{k} {record['bbox'][k]:.1f}" for k in METRICS), flush=True)  # fmt: skip
             self.write_results(time.perf_counter() - start, charts=False)
         return self.write_results(time.perf_counter() - start)
@@ -452,25 +451,6 @@ def _value(cfg, key):
     for part in key.split("."):
         cfg = cfg[part]
     return cfg
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    h, m = seconds // 3600, seconds % 3600 // 60
-    return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
-
-
-def print_tables(result):
-    from tabulate import tabulate
-
-    headers = ["model", "seed", "iters", *METRICS, "train + eval s"]
-    print()
-    print(tabulate(run_rows(result), headers=headers))
-    baseline = result["summary"]["baseline"]
-    print(f"\nper arm, paired difference to {baseline!r} with 95% t-interval over seeds:")
-    print(tabulate(summary_rows(result),
-                   headers=SUMMARY_HEADERS + [f"Δ{k}" for k in METRICS]))  # fmt: skip
-    print(f"whole job: {result['job_seconds']:.0f} s")
 
 
 def run_bench(spec, args, arms_file="(arms)"):

@@ -2,7 +2,9 @@
 """Reports of a bench: the console tables, ``bench_results.md`` and ``bench_ap.png``."""
 import math
 
-__all__ = ["fmt", "run_rows", "summary_rows", "write_chart", "write_markdown", "SUMMARY_HEADERS"]
+__all__ = [
+    "duration", "fmt", "print_tables", "run_rows", "summary_rows", "write_chart", "write_markdown",
+]  # fmt: skip
 
 METRICS = ("AP", "AP50", "AP75")
 SUMMARY_HEADERS = ["arm", "seeds", *[f"{k} (mean ± std)" for k in METRICS]]
@@ -121,3 +123,24 @@ def write_chart(result, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def duration(seconds):
+    """"1h05m" or "4m07s"."""
+    seconds = int(round(seconds))
+    h, m = seconds // 3600, seconds % 3600 // 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
+
+
+def print_tables(result):
+    """The per-run table (teacher first) and the per-arm table, on the console."""
+    from tabulate import tabulate
+
+    headers = ["model", "seed", "iters", *METRICS, "train + eval s"]
+    print()
+    print(tabulate(run_rows(result), headers=headers))
+    baseline = result["summary"]["baseline"]
+    print(f"\nper arm, paired difference to {baseline!r} with 95% t-interval over seeds:")
+    print(tabulate(summary_rows(result),
+                   headers=SUMMARY_HEADERS + [f"Δ{k}" for k in METRICS]))  # fmt: skip
+    print(f"whole job: {result['job_seconds']:.0f} s")

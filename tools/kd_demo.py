@@ -114,7 +114,7 @@ def main(argv=None):
         mean[k] = {"no_kd": no_kd, "kd": kd, "gain": kd - no_kd}
     print(
         f"\nKD-DETR - no KD, mean over seeds {args.seeds}: "
-        + ", ".join(f"{k} {mean[k]['gain']:+.1f}" for k in METRICS)
+        + ", ".join(f"{k} {mean[k]['gain']:+.1f} points" for k in METRICS)
     )
     demo = {
         "teacher": {

@@ -136,7 +136,7 @@ def print_tables(result):
     """The per-run table (teacher first) and the per-arm table, on the console."""
     from tabulate import tabulate
 
-    headers = ["model", "seed", "iters", *METRICS, "train + eval s"]
+    headers = ["model", "seed", "iters", *(f"{k} (%)" for k in METRICS), "train + eval s"]
     print()
     print(tabulate(run_rows(result), headers=headers))
     baseline = result["summary"]["baseline"]

@@ -69,7 +69,10 @@ def resolve_dataset(value, role, *, images="", split="", classes=(), catalog=())
     Raises:
         BenchError: the value resolves to nothing, or its inputs are incomplete.
     """
-    from kd_detr.ov import expand_data_path
+    try:  # kd_detr.utils after the layering refactor (issue 11), kd_detr.ov before
+        from kd_detr.utils import expand_data_path
+    except ImportError:
+        from kd_detr.ov import expand_data_path
 
     if value in catalog:
         if not catalog[value]:

@@ -112,10 +112,12 @@ def resolve_dataset(value, role, *, images="", split="", classes=(), catalog=())
         entry = f"{path},{split},{';'.join(classes)}"
         name = f"bench_{role}_{_short_hash(entry)}"
         return Dataset(name, classes, "VOC", f"{name},{entry}", f"VOC {path} ({split})")
-    shown = ", ".join(sorted(catalog)[:8])
+    own = sorted(n for n in catalog if n.startswith(("kd_", "bench_", "coco_2017", "voc_2007")))
+    shown = ", ".join(own[:6])
+    where = f" (it expands to {path})" if path != os.path.abspath(value) else ""
     raise BenchError(
-        f"--{role} {value!r} does not resolve: it is not a registered dataset name (e.g. {shown}, "
-        "or one a config registers), not a COCO json file and not a VOC folder (with "
+        f"--{role} {value!r} does not resolve{where}: it is not a registered dataset name (e.g. "
+        f"{shown}, or one a config registers), not a COCO json file and not a VOC folder (with "
         "ImageSets/Main). Check the path."
     )
 

@@ -89,6 +89,10 @@ def add_bench_args(parser):
     group.add_argument("--classes", default=None, help="VOC class names, 'A;B;C' (class-id order)")
     parser.add_argument("--python", default=sys.executable, help="interpreter for train_net.py")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    parser.add_argument(
+        "--teacher-only", action="store_true",
+        help="train (or find in the cache) the teacher, print its AP and stop",
+    )  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -458,6 +462,12 @@ def run_bench(spec, args, arms_file="(arms)"):
     bench = Bench(spec, args, arms_file)
     bench.print_plan()
     if args.dry_run:
+        return None
+    if getattr(args, "teacher_only", False):
+        bench.ensure_teacher()
+        bbox = (bench.teacher or {}).get("bbox")
+        if bbox:
+            print("[kd_bench] teacher: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in METRICS))
         return None
     result = bench.run_all()
     print_tables(result)

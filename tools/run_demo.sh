@@ -2,7 +2,12 @@
 # The main job: prepare the environment, then the KD-DETR demo (tools/kd_demo.py): train a teacher
 # (or reuse the cached one), train the student without KD and with KD-DETR for the same
 # iterations, evaluate all three, print a table and write output/kd_demo/kd_demo_results.json.
-# Arguments go to tools/kd_demo.py, e.g. `--seeds 0 1` or `-- SOLVER.IMS_PER_BATCH 4`.
+# Arguments go to tools/kd_demo.py (the demo preset of tools/kd_bench.py), e.g. `--seeds 0 1`,
+# `-- SOLVER.IMS_PER_BATCH 4`, or your data instead of the synthetic demo set:
+#   bash tools/run_demo.sh --train my/train.json --train-images my/train_images \
+#       --test my/val.json --test-images my/val_images
+#   bash tools/run_demo.sh --train path/VOCdir --train-split train --test path/VOCdir \
+#       --test-split val --classes 'RBC;WBC;Platelets'
 #
 # With KD_DETR_DEMO_CONFIG set, trains and evaluates that one config instead (arguments are then
 # config overrides), e.g.

@@ -13,6 +13,7 @@ import os
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
+from ...utils import expand_data_path
 from .catalog import absolute_path, already_registered
 from .coco_checks import box_problems, read_coco_categories, unknown_category_annotations
 from .registry import DATASET_SOURCE_REGISTRY, split_config_entry
@@ -154,12 +155,12 @@ def register_coco_json(name, json_file, image_root, *, metadata=None):
 @DATASET_SOURCE_REGISTRY.register(name="COCO_JSON")
 def register_coco_json_from_config(cfg):
     """Register every ``cfg.DATASETS.COCO_JSON`` entry ("name,path/to/instances.json,
-    path/to/image_root"); returns the names."""
+    path/to/image_root"; paths may start with ``$KD_DETR_SHARED_DATA``); returns the names."""
     names = []
     for entry in cfg.DATASETS.get("COCO_JSON", []):
         name, json_file, image_root = split_config_entry(
             entry, "COCO_JSON", 3, "name,path/to/instances.json,path/to/image_root"
         )
-        register_coco_json(name, json_file, image_root)
+        register_coco_json(name, expand_data_path(json_file), expand_data_path(image_root))
         names.append(name)
     return names

@@ -14,6 +14,7 @@ from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ...utils import expand_data_path
 from .catalog import absolute_path, already_registered
 from .registry import DATASET_SOURCE_REGISTRY, split_config_entry
 
@@ -184,7 +185,8 @@ def register_voc(name, dirname, split, class_names, year=None, *, keep_difficult
 @DATASET_SOURCE_REGISTRY.register(name="VOC")
 def register_voc_from_config(cfg):
     """Register every ``cfg.DATASETS.VOC`` entry ("name,path/to/voc_dir,split,class1;class2;...",
-    split being an ImageSets/Main file); returns the names."""
+    split being an ImageSets/Main file; the folder may start with ``$KD_DETR_SHARED_DATA``);
+    returns the names."""
     names = []
     for entry in cfg.DATASETS.get("VOC", []):
         name, dirname, split, classes = split_config_entry(
@@ -196,6 +198,6 @@ def register_voc_from_config(cfg):
                 f"Malformed cfg.DATASETS.VOC entry {entry!r}: class names must be non-empty, "
                 f"unique and separated by ';', got {class_names}"
             )
-        register_voc(name, dirname, split, class_names)
+        register_voc(name, expand_data_path(dirname), split, class_names)
         names.append(name)
     return names

@@ -1,0 +1,163 @@
+# Copyright (c) kd_detr contributors.
+"""Arms files: YAML lists of the runs a bench compares.
+
+An arms file is either a list of arms or a mapping with the list under ``arms`` and bench
+defaults next to it (every default can be overridden on the command line)::
+
+    teacher:                     # trained once (or taken from the cache) for every KD arm
+      config: configs/bccd/dab_detr_efflite2_bccd.yaml
+      iters: 600
+      opts: []                   # teacher overrides (part of its cache key)
+    iters: 300                   # iterations of every arm, the same schedule for all
+    seeds: [0, 1, 2]
+    baseline: no_kd              # paired differences are taken to this arm
+    data:                        # optional dataset switch (kd_bench.py --train / --test ...)
+      train: $KD_DETR_SHARED_DATA/bccd
+      test: $KD_DETR_SHARED_DATA/bccd
+      train_split: trainval
+      test_split: test
+      classes: RBC;WBC;Platelets
+    arms:
+      - name: no_kd
+        config: configs/bccd/dab_detr_efflite0_bccd.yaml
+      - name: inconsistent
+        config: configs/bccd/kd_dab_detr_efflite0_from_efflite2_bccd.yaml
+        opts: {MODEL.KD.POINTS: inconsistent}   # or a flat [KEY, VALUE, ...] list
+        label: "KD, inconsistent points"        # optional, shown in tables
+
+Config paths are relative to the repository root (or absolute).
+"""
+import os
+import re
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+__all__ = ["Arm", "BenchError", "BenchSpec", "flat_opts", "load_arms"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ARM_KEYS = {"name", "config", "opts", "label"}
+_TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data"}
+_TEACHER_KEYS = {"config", "iters", "opts", "weights"}
+DATA_KEYS = ("train", "test", "train_images", "test_images", "train_split", "test_split", "classes")
+
+
+class BenchError(ValueError):
+    """Bad bench input (arms file, dataset, teacher): raised before anything trains."""
+
+
+@dataclass
+class Arm:
+    """One arm: a config plus overrides, trained once per seed."""
+
+    name: str
+    config: str
+    opts: List[str] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def title(self):
+        return self.label or self.name
+
+
+@dataclass
+class BenchSpec:
+    """An arms file: the arms and the defaults it sets (None: not set by the file)."""
+
+    arms: List[Arm]
+    teacher_config: Optional[str] = None
+    teacher_iters: Optional[int] = None
+    teacher_opts: Optional[List[str]] = None
+    teacher_weights: Optional[str] = None
+    iters: Optional[int] = None
+    seeds: Optional[List[int]] = None
+    baseline: Optional[str] = None
+    data: dict = field(default_factory=dict)
+
+
+def flat_opts(value, where):
+    """Overrides as a flat ``["KEY", "VALUE", ...]`` list of strings from a list or a mapping."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        if len(value) % 2:
+            raise BenchError(f"{where}: overrides must be KEY VALUE pairs, got {list(value)}")
+        items = list(zip(value[::2], value[1::2]))
+    else:
+        raise BenchError(f"{where}: 'opts' must be a list [KEY, VALUE, ...] or a mapping")
+    out = []
+    for key, val in items:
+        out += [str(key), val if isinstance(val, str) else repr(val)]
+    return out
+
+
+def _check_keys(entry, allowed, where):
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise BenchError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _parse_arm(entry, index, source):
+    where = f"{source}: arm #{index + 1}"
+    if not isinstance(entry, dict):
+        raise BenchError(f"{where} must be a mapping with 'name' and 'config', got {entry!r}")
+    _check_keys(entry, _ARM_KEYS, where)
+    name = entry.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise BenchError(
+            f"{where}: 'name' must be letters, digits, '_', '.' or '-' (it names the run "
+            f"folders), got {name!r}"
+        )
+    where = f"{source}: arm {name!r}"
+    config = entry.get("config")
+    if not isinstance(config, str) or not config:
+        raise BenchError(f"{where} has no 'config' (a config file path)")
+    return Arm(name, config, flat_opts(entry.get("opts"), where), str(entry.get("label", "")))
+
+
+def load_arms(path):
+    """Read an arms file (see the module docstring).
+
+    Raises:
+        BenchError: a missing file, malformed YAML or an invalid entry, named.
+    """
+    import yaml
+
+    if not os.path.isfile(path):
+        raise BenchError(f"arms file not found: {path} (see configs/bench/ for examples)")
+    with open(path) as f:
+        try:
+            content = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise BenchError(f"{path} is not valid YAML: {e}") from e
+    spec = BenchSpec(arms=[])
+    if isinstance(content, dict):
+        _check_keys(content, _TOP_KEYS, path)
+        teacher = content.get("teacher") or {}
+        if not isinstance(teacher, dict):
+            raise BenchError(f"{path}: 'teacher' must be a mapping with 'config', 'iters', 'opts'")
+        _check_keys(teacher, _TEACHER_KEYS, f"{path}: teacher")
+        spec.teacher_config = teacher.get("config")
+        spec.teacher_iters = teacher.get("iters")
+        spec.teacher_weights = teacher.get("weights")
+        if "opts" in teacher:
+            spec.teacher_opts = flat_opts(teacher["opts"], f"{path}: teacher")
+        spec.iters = content.get("iters")
+        seeds = content.get("seeds")
+        spec.seeds = [seeds] if isinstance(seeds, int) else seeds
+        spec.baseline = content.get("baseline")
+        data = content.get("data") or {}
+        if not isinstance(data, dict):
+            raise BenchError(f"{path}: 'data' must be a mapping with keys {list(DATA_KEYS)}")
+        _check_keys(data, set(DATA_KEYS), f"{path}: data")
+        spec.data = {k: str(v) for k, v in data.items() if v is not None}
+        content = content.get("arms")
+    if not isinstance(content, list) or not content:
+        raise BenchError(f"{path}: no arms (expected a list of arms, or a mapping with 'arms')")
+    spec.arms = [_parse_arm(entry, i, path) for i, entry in enumerate(content)]
+    names = [arm.name for arm in spec.arms]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BenchError(f"{path}: arm names must be unique, repeated: {duplicates}")
+    return spec

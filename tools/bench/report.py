@@ -1,0 +1,146 @@
+# Copyright (c) kd_detr contributors.
+"""Reports of a bench: the console tables, ``bench_results.md`` and ``bench_ap.png``."""
+import math
+
+__all__ = [
+    "duration", "fmt", "print_tables", "run_rows", "summary_rows", "write_chart", "write_markdown",
+]  # fmt: skip
+
+METRICS = ("AP", "AP50", "AP75")
+SUMMARY_HEADERS = ["arm", "seeds", *[f"{k} (mean ± std)" for k in METRICS]]
+
+
+def fmt(value, digits=1, sign=False):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _mean_std(stat):
+    return fmt(stat["mean"]) + ("" if math.isnan(stat["std"]) else f" ± {fmt(stat['std'])}")
+
+
+def _diff(d):
+    if d["n"] == 0:
+        return "-"
+    text = fmt(d["mean"], sign=True)
+    return text + ("" if math.isnan(d["low"]) else f" [{fmt(d['low'], sign=True)}, "
+                   f"{fmt(d['high'], sign=True)}]")  # fmt: skip
+
+
+def run_rows(result):
+    """Rows of the per-run table: the teacher first, then every run."""
+    rows = []
+    teacher = result.get("teacher")
+    if teacher and teacher.get("bbox"):
+        seconds = "cached" if teacher["state"] == "cached" else teacher.get("seconds", "-")
+        title = "teacher" + (f" ({teacher['state']})" if teacher["state"] != "trained" else "")
+        rows.append([title, "-", teacher["iters"], *[fmt(teacher["bbox"][k]) for k in METRICS],
+                     seconds])  # fmt: skip
+    for run in result["runs"]:
+        bbox = run.get("bbox") or {}
+        rows.append([run["title"], run["seed"], result["iters"],
+                     *[fmt(bbox.get(k)) for k in METRICS], run.get("seconds", "-")])  # fmt: skip
+    return rows
+
+
+def summary_rows(result):
+    """Rows of the per-arm table: mean ± std over seeds and the paired difference to the
+    baseline with its 95% t-interval, per metric."""
+    rows = []
+    for arm in result["summary"]["arms"]:
+        row = [arm["title"], arm["n"]] + [_mean_std(arm["stats"][k]) for k in METRICS]
+        row += [_diff(arm["diff"][k]) if arm.get("diff") else "(baseline)" for k in METRICS]
+        rows.append(row)
+    return rows
+
+
+def write_markdown(result, path):
+    baseline = result["summary"]["baseline"]
+    headers = SUMMARY_HEADERS + [f"Δ{k} vs {baseline} [95% CI]" for k in METRICS]
+    lines = [
+        f"# KD bench: {result['arms_file']}",
+        "",
+        f"Train: {result['data']['train']}; test: {result['data']['test']}; classes: "
+        f"{', '.join(result['data']['classes'])}. {result['iters']} iterations per run, seeds "
+        f"{result['seeds']}.",
+        "",
+    ]
+    teacher = result.get("teacher")
+    if teacher and teacher.get("bbox"):
+        lines += [
+            f"Teacher: `{teacher['config']}`, {teacher['iters']} iterations ({teacher['state']}, "
+            f"`{teacher['weights']}`): " + ", ".join(
+                f"{k} {fmt(teacher['bbox'][k])}" for k in METRICS),
+            "",
+        ]  # fmt: skip
+    lines += ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for row in summary_rows(result):
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds. Δ: mean of the per-seed differences to the "
+        f"baseline arm `{baseline}` (same seed), with the two-sided 95% Student-t interval over "
+        "the paired seeds (none for fewer than 2 seeds); an interval that excludes 0 is a "
+        "difference beyond seed noise.",
+        "",
+        "| arm | config | overrides |",
+        "| --- | --- | --- |",
+    ]
+    for arm in result["arms"]:
+        lines.append(f"| {arm['name']} | `{arm['config']}` | `{' '.join(arm['opts']) or '-'}` |")
+    lines += ["", "| run | seed | AP | AP50 | AP75 | seconds | config hash |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for run in result["runs"]:
+        bbox = run.get("bbox") or {}
+        lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(
+            fmt(bbox.get(k)) for k in METRICS) + f" | {run.get('seconds', '-')} | {run['hash']} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def write_chart(result, path):
+    """Bar chart of AP per arm (mean over seeds, error bars: std), teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = result["summary"]["arms"]
+    means = [a["stats"]["AP"]["mean"] for a in arms]
+    stds = [0.0 if math.isnan(a["stats"]["AP"]["std"]) else a["stats"]["AP"]["std"] for a in arms]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(arms) + 1.5), 4.0))
+    ax.bar(range(len(arms)), means, yerr=stds, capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(arms)))
+    ax.set_xticklabels([a["name"] for a in arms], rotation=30, ha="right")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"box AP (mean ± std over {len(result['seeds'])} seed(s))")
+    teacher = result.get("teacher")
+    if teacher and teacher.get("bbox"):
+        ax.axhline(teacher["bbox"]["AP"], color="gray", linestyle="--", label="teacher")
+        ax.legend(loc="lower right")
+    ax.set_title(f"KD bench: {result['arms_file']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def duration(seconds):
+    """"1h05m" or "4m07s"."""
+    seconds = int(round(seconds))
+    h, m = seconds // 3600, seconds % 3600 // 60
+    return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
+
+
+def print_tables(result):
+    """The per-run table (teacher first) and the per-arm table, on the console."""
+    from tabulate import tabulate
+
+    headers = ["model", "seed", "iters", *(f"{k} (%)" for k in METRICS), "train + eval s"]
+    print()
+    print(tabulate(run_rows(result), headers=headers))
+    baseline = result["summary"]["baseline"]
+    print(f"\nper arm, paired difference to {baseline!r} with 95% t-interval over seeds:")
+    print(tabulate(summary_rows(result),
+                   headers=SUMMARY_HEADERS + [f"Δ{k}" for k in METRICS]))  # fmt: skip
+    print(f"whole job: {result['job_seconds']:.0f} s")

@@ -1,0 +1,160 @@
+# Copyright (c) kd_detr contributors.
+"""Runs of a bench: resolved configs and their hashes, ``train_net.py`` subprocesses, finished-run
+records (``bench_run.json``) and the teacher cache."""
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+__all__ = [
+    "ROOT", "config_chain", "config_hash", "default_teacher_cache", "finished_run",
+    "resolve_config", "schedule_opts", "train_run",
+]  # fmt: skip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RUN_RECORD = "bench_run.json"
+_ITER = re.compile(r"\biter: (\d+)")
+
+
+def schedule_opts(iters):
+    """Overrides for a run of ``iters`` iterations: lr drop at 5/6, warmup min(50, iters)."""
+    if iters < 1:
+        raise ValueError(f"iterations must be >= 1, got {iters}")
+    drop = round(iters * 5 / 6)
+    return [
+        "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.STEPS", f"({drop},)" if 0 < drop < iters else "()",
+        "SOLVER.WARMUP_ITERS", str(min(50, iters)),
+    ]  # fmt: skip
+
+
+def config_path(config_file):
+    """``config_file`` as given if absolute, else relative to the repository root."""
+    return config_file if os.path.isabs(config_file) else os.path.join(ROOT, config_file)
+
+
+def config_chain(config_file):
+    """Texts of ``config_file`` and of its ``_BASE_`` files, recursively (paths from ROOT)."""
+    import yaml
+
+    path = config_path(config_file)
+    with open(path) as f:
+        text = f.read()
+    base = (yaml.safe_load(text) or {}).get("_BASE_")
+    parents = []
+    if base:
+        parents = config_chain(os.path.join(os.path.dirname(path), base))
+    return parents + [text]
+
+
+def resolve_config(config_file, opts=()):
+    """The config a run trains with (kd_detr's ``load_config``; registers its datasets)."""
+    from kd_detr.config import load_config
+
+    return load_config(config_path(config_file), opts=list(opts), freeze=False)
+
+
+def config_hash(cfg, teacher_key=None):
+    """Hash of a resolved config without its OUTPUT_DIR, with kd_detr's version. For a KD run
+    the teacher checkpoint path is replaced by the teacher's own key (its resolved config)."""
+    import kd_detr
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.OUTPUT_DIR = ""
+    if teacher_key is not None:
+        cfg.MODEL.KD.TEACHER.WEIGHTS = f"teacher:{teacher_key}"
+    text = cfg.dump() + "\0" + kd_detr.__version__
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def default_teacher_cache():
+    from kd_detr.utils import cache_root  # kd_detr only when a bench runs
+
+    return cache_root("teachers")
+
+
+def bbox(metrics):
+    """AP, AP50, AP75 of a metrics_final.json content (its first dataset)."""
+    values = next(iter(metrics["results"].values()))["bbox"]
+    return {k: values[k] for k in ("AP", "AP50", "AP75")}
+
+
+def finished_run(out_dir, expected_hash):
+    """The record of a finished run in ``out_dir`` whose config hash is ``expected_hash``, else
+    None (not run, interrupted, or run with another config)."""
+    record = os.path.join(out_dir, RUN_RECORD)
+    if not (os.path.isfile(record) and os.path.isfile(os.path.join(out_dir, "metrics_final.json"))):
+        return None
+    try:
+        with open(record) as f:
+            content = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return content if content.get("hash") == expected_hash else None
+
+
+def _progress(line, label, max_iter, tty):
+    if not tty:
+        return
+    match = _ITER.search(line)
+    if match:
+        done = int(match.group(1)) + 1
+        sys.stdout.write(f"\r    {label}: iteration {done}/{max_iter}   ")
+        sys.stdout.flush()
+
+
+def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, record=None):
+    """Train and evaluate one config with ``train_net.py`` in ``out_dir`` (emptied first).
+
+    The subprocess's output goes to ``out_dir/log.txt`` (Detectron2's own log, written by
+    ``default_setup``) and ``out_dir/stdout.log``. On success ``bench_run.json`` records the
+    config hash, the box metrics and the seconds taken.
+
+    Returns:
+        dict: the record.
+
+    Raises:
+        RuntimeError: train_net.py failed (names the log).
+    """
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.makedirs(out_dir)
+    cmd = [python, "train_net.py", "--config-file", config_file, "OUTPUT_DIR", out_dir]
+    cmd += list(opts)
+    log_path = os.path.join(out_dir, "stdout.log")
+    with open(os.path.join(out_dir, "command.txt"), "w") as f:
+        f.write(" ".join(cmd) + "\n")
+    tty = sys.stdout.isatty()
+    start = time.perf_counter()
+    tail = []
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for line in proc.stdout:
+            log.write(line)
+            tail = (tail + [line])[-5:]
+            _progress(line, label, max_iter, tty)
+        rc = proc.wait()
+    if tty:
+        sys.stdout.write("\r" + " " * 70 + "\r")
+    if rc != 0:
+        raise RuntimeError(
+            f"{label} failed (exit code {rc}); see {log_path}. Last lines:\n" + "".join(tail)
+        )
+    with open(os.path.join(out_dir, "metrics_final.json")) as f:
+        metrics = json.load(f)
+    content = dict(record or {})
+    content.update(
+        hash=run_hash,
+        bbox=bbox(metrics),
+        seconds=round(time.perf_counter() - start, 1),
+        train_and_eval_seconds=metrics.get("train_and_eval_seconds"),
+    )
+    with open(os.path.join(out_dir, RUN_RECORD), "w") as f:
+        json.dump(content, f, indent=2)
+    return content

@@ -1,0 +1,45 @@
+# Copyright (c) kd_detr contributors.
+"""Statistics of a bench: mean and spread over seeds, paired differences with t-intervals."""
+import math
+
+__all__ = ["arm_stats", "paired_difference"]
+
+
+def _mean_std(values):
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    if n < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)  # sample variance (ddof 1)
+    return mean, math.sqrt(var)
+
+
+def arm_stats(values):
+    """``{"n", "mean", "std"}`` of one arm's metric over seeds (std: ddof 1, NaN for n < 2)."""
+    mean, std = _mean_std(list(values))
+    return {"n": len(values), "mean": mean, "std": std}
+
+
+def paired_difference(arm, baseline, confidence=0.95):
+    """Paired difference ``arm - baseline`` over the seeds both have.
+
+    Args:
+        arm, baseline (dict): seed -> metric value.
+        confidence (float): level of the two-sided Student-t interval.
+
+    Returns:
+        dict: ``n`` (paired seeds), ``mean``, ``std`` of the differences, ``low`` / ``high``
+        (the interval; NaN for n < 2) and ``seeds``.
+    """
+    from scipy import stats
+
+    seeds = sorted(set(arm) & set(baseline))
+    diffs = [arm[s] - baseline[s] for s in seeds]
+    mean, std = _mean_std(diffs)
+    n = len(diffs)
+    if n < 2:
+        low = high = float("nan")
+    else:
+        half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
+        low, high = mean - half, mean + half
+    return {"n": n, "mean": mean, "std": std, "low": low, "high": high, "seeds": seeds}

@@ -1,0 +1,492 @@
+#!/usr/bin/env python
+# Copyright (c) kd_detr contributors.
+"""KD bench: arms (config + overrides) x seeds on any dataset, one shared cached teacher.
+
+    python tools/kd_bench.py configs/bench/kd_detr_ablation.yaml --seeds 0 1 2
+    python tools/kd_bench.py configs/bench/demo.yaml --train my/instances_train.json \\
+        --train-images my/train --test my/instances_val.json --test-images my/val
+    python tools/kd_bench.py configs/bench/demo.yaml --train path/VOCfolder --train-split train \\
+        --test path/VOCfolder --test-split val --classes "RBC;WBC;Platelets"
+
+1. Everything is checked first (arms, configs, datasets, classes of the teacher and the students):
+   bad input stops the bench before anything trains, naming the arm and the problem.
+2. The teacher (``teacher:`` in the arms file or ``--teacher-config``) is trained once for all KD
+   arms, or reused from the teacher cache (``--teacher-cache``, default ``$KD_DETR_DATA/teachers``
+   or ``~/.cache/kd_detr/teachers``), keyed by the hash of its resolved config.
+3. Every arm is trained and evaluated for every seed by a ``train_net.py`` subprocess in
+   ``OUTPUT/<arm>_seed<seed>`` (Detectron2's log.txt, metrics.json, metrics_final.json), all arms
+   with the same iterations and schedule. KD arms (``MODEL.KD.ENABLED``) get the teacher's
+   config, overrides and weights (``MODEL.KD.TEACHER.*``).
+4. Resumable: a run whose ``bench_run.json`` matches its resolved config hash is skipped, so an
+   interrupted bench continues where it stopped and a changed arm reruns.
+5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
+   and std of AP / AP50 / AP75 over seeds, paired difference to ``--baseline`` with a 95%
+   t-interval), ``OUTPUT/bench_ap.png``.
+
+``--train`` / ``--test`` put every model on other data: a registered dataset name, a COCO json
+(with ``--train-images`` / ``--test-images``) or a VOC folder (with ``--train-split`` /
+``--test-split`` and ``--classes``); the class count follows. Extra arguments after ``--`` are
+config overrides of every arm (not of the teacher: use ``--teacher-opts``).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import (  # noqa: E402; fmt: skip
+    ROOT,
+    Arm,
+    BenchError,
+    BenchSpec,
+    DataSwitch,
+    arm_stats,
+    config_hash,
+    flat_opts,
+    load_arms,
+    paired_difference,
+    resolve_config,
+    resolve_dataset,
+    schedule_opts,
+    train_run,
+    write_chart,
+    write_markdown,
+)
+from bench.arms import DATA_KEYS  # noqa: E402
+from bench.data import split_classes  # noqa: E402
+from bench.report import METRICS, duration, print_tables  # noqa: E402
+from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
+
+
+def add_bench_args(parser):
+    """Flags shared by kd_bench.py and kd_demo.py (defaults None: from the arms file)."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every arm")
+    parser.add_argument("--output", default=None, help="output folder")
+    parser.add_argument("--teacher-config", default=None)
+    parser.add_argument("--teacher-iters", type=int, default=None)
+    parser.add_argument(
+        "--teacher-opts", nargs="*", default=None, metavar="KEY VALUE",
+        help="config overrides of the teacher (part of its cache key, passed to KD runs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--teacher-weights", default=None,
+        help="an already trained teacher checkpoint for --teacher-config: nothing is trained "
+        "for the teacher and its class count is checked against the data",
+    )  # fmt: skip
+    parser.add_argument(
+        "--teacher-cache", default=None,
+        help="folder of cached teacher runs (default $KD_DETR_DATA/teachers or "
+        "~/.cache/kd_detr/teachers); 'none' trains the teacher in OUTPUT/teacher",
+    )  # fmt: skip
+    group = parser.add_argument_group("dataset switch (all runs, teacher included)")
+    group.add_argument("--train", default=None, help="registered name, COCO json or VOC folder")
+    group.add_argument("--test", default=None, help="registered name, COCO json or VOC folder")
+    group.add_argument("--train-images", default=None, help="image folder of a --train json")
+    group.add_argument("--test-images", default=None, help="image folder of a --test json")
+    group.add_argument("--train-split", default=None, help="VOC split of --train (trainval)")
+    group.add_argument("--test-split", default=None, help="VOC split of --test (test)")
+    group.add_argument("--classes", default=None, help="VOC class names, 'A;B;C' (class-id order)")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for train_net.py")
+    parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    parser.add_argument(
+        "--teacher-only", action="store_true",
+        help="train (or find in the cache) the teacher, print its AP and stop",
+    )  # fmt: skip
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="%(prog)s ARMS_FILE [options] [-- KEY VALUE ...]",
+    )
+    parser.add_argument("arms_file", help="YAML arms file, e.g. configs/bench/demo.yaml")
+    parser.add_argument("--iters", type=int, default=None, help="iterations of every arm")
+    parser.add_argument("--baseline", default=None, help="arm the differences are taken to")
+    parser.add_argument("--arms", nargs="+", default=None, help="run only these arms")
+    add_bench_args(parser)
+    return parse_with_overrides(parser, argv)
+
+
+def parse_with_overrides(parser, argv=None):
+    """``parser.parse_args`` with everything after ``--`` as ``args.opts`` (KEY VALUE pairs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, opts = argv[:i], argv[i + 1 :]
+    args = parser.parse_args(argv)
+    args.opts = opts
+    for name in ("opts", "teacher_opts"):
+        if len(getattr(args, name) or []) % 2:
+            parser.error(f"overrides must be KEY VALUE pairs, got {getattr(args, name)}")
+    return args
+
+
+def _pick(*values):
+    return next((v for v in values if v is not None), None)
+
+
+class Bench:
+    """A checked bench plan: the teacher, every run with its resolved config hash."""
+
+    def __init__(self, spec: BenchSpec, args, arms_file="(arms)"):
+        self.args, self.arms_file, self.spec = args, arms_file, spec
+        self.arms = spec.arms
+        if getattr(args, "arms", None):
+            unknown = sorted(set(args.arms) - {a.name for a in spec.arms})
+            if unknown:
+                raise BenchError(f"--arms: no arm named {unknown} in {arms_file}")
+            self.arms = [a for a in spec.arms if a.name in args.arms]
+        self.iters = _pick(getattr(args, "iters", None), spec.iters)
+        self.seeds = _pick(args.seeds, spec.seeds, [0])
+        names = [a.name for a in self.arms]
+        self.baseline = getattr(args, "baseline", None)
+        if self.baseline is None:  # the file's baseline, unless --arms left it out
+            self.baseline = spec.baseline if spec.baseline in names else names[0]
+        self.teacher_config = _pick(args.teacher_config, spec.teacher_config)
+        self.teacher_iters = _pick(args.teacher_iters, spec.teacher_iters, 1500)
+        self.teacher_opts = list(_pick(args.teacher_opts, spec.teacher_opts, []))
+        self.teacher_weights = _pick(args.teacher_weights, spec.teacher_weights)
+        self.base_entries = {}
+        stem = os.path.splitext(os.path.basename(arms_file))[0]
+        self.output = os.path.abspath(args.output or os.path.join("output", "kd_bench", stem))
+        self._check_files()
+        if not self.iters or self.iters < 1:
+            raise BenchError(f"{arms_file}: no iterations (set 'iters:' or --iters N >= 1)")
+        if self.baseline not in {a.name for a in self.arms}:
+            raise BenchError(f"--baseline {self.baseline!r} is not one of the arms {names}")
+        self.data = self._resolve_data()
+        self._plan()
+
+    # -- checks, all before anything trains ---------------------------------------------------
+    def _check_files(self):
+        for arm in self.arms:
+            if not os.path.isfile(config_path(arm.config)):
+                raise BenchError(
+                    f"arm {arm.name!r}: config {arm.config!r} not found (paths are relative to "
+                    f"the repository root {ROOT})"
+                )
+        if self.teacher_config and not os.path.isfile(config_path(self.teacher_config)):
+            raise BenchError(f"teacher config {self.teacher_config!r} not found")
+        if self.teacher_weights and not os.path.isfile(self.teacher_weights):
+            raise BenchError(f"--teacher-weights {self.teacher_weights!r} not found")
+
+    def _resolve(self, what, config, opts):
+        try:
+            return resolve_config(config, opts)
+        except Exception as e:  # a bad key, a dataset file that is missing, ...
+            raise BenchError(f"{what}: cannot resolve config {config!r}: {e}") from e
+
+    def _resolve_data(self):
+        """The dataset switch (None without --train / --test)."""
+        from detectron2.data import DatasetCatalog, MetadataCatalog
+
+        defaults = {"train_split": "trainval", "test_split": "test"}
+        data = {k: _pick(getattr(self.args, k, None), self.spec.data.get(k), defaults.get(k, ""))
+                for k in DATA_KEYS}  # fmt: skip
+        if not data["train"] and not data["test"]:
+            return None
+        if not data["train"] or not data["test"]:
+            raise BenchError("the dataset switch needs both --train and --test")
+        reference = self.teacher_config or self.arms[0].config
+        try:  # registers the datasets the config itself lists (e.g. BCCD's VOC entries)
+            cfg = resolve_config(reference)
+            self.base_entries = {"COCO_JSON": list(cfg.DATASETS.COCO_JSON),
+                                 "VOC": list(cfg.DATASETS.VOC)}  # fmt: skip
+        except Exception:
+            pass  # its own data may be absent here; registered names still resolve
+        catalog = {n: MetadataCatalog.get(n).get("thing_classes", None)
+                   for n in DatasetCatalog.list()}  # fmt: skip
+        classes = split_classes(data["classes"])
+        train = resolve_dataset(data["train"], "train", images=data["train_images"],
+                                split=data["train_split"], classes=classes, catalog=catalog)
+        test = resolve_dataset(data["test"], "test", images=data["test_images"],
+                               split=data["test_split"], classes=classes, catalog=catalog)
+        return DataSwitch(train, test)
+
+    def data_opts(self, what, config, opts=(), class_key=True):
+        """Dataset-switch overrides for a model config (with its class-count key)."""
+        from kd_detr.modeling.num_classes import num_classes_key
+
+        if self.data is None:
+            return []
+        plain = self.data.opts(None, self.base_entries)
+        key = num_classes_key(self._resolve(what, config, list(opts) + plain))
+        return self.data.opts(key if class_key else None, self.base_entries)
+
+    def _classes_of(self, cfg):
+        from detectron2.data import MetadataCatalog
+
+        if not cfg.DATASETS.TRAIN:
+            return None
+        return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
+
+    def _check_classes(self, what, cfg):
+        from kd_detr.modeling.num_classes import check_num_classes
+
+        try:
+            check_num_classes(cfg)
+        except ValueError as e:
+            raise BenchError(f"{what}: {e}") from e
+
+    def _check_teacher_classes(self, arm, student_cfg, teacher_cfg):
+        from kd_detr.modeling.num_classes import num_classes_key
+
+        if student_cfg.MODEL.KD.CLASS_MAPPING:
+            return  # the KD trainer maps the classes by name and checks them
+        # COCO json datasets get their class names only when loaded: the switch knows them.
+        classes = self.data.classes if self.data else self._classes_of(student_cfg)
+        s_key, t_key = num_classes_key(student_cfg), num_classes_key(teacher_cfg)
+        if t_key is None:
+            return
+        count = _value(teacher_cfg, t_key)
+        expected = len(classes) if classes is not None else _value(student_cfg, s_key)
+        names = self._classes_of(teacher_cfg)
+        wrong_names = classes is not None and names is not None and list(names) != list(classes)
+        if count != expected or wrong_names:
+            shown = f" ({', '.join(classes[:8])})" if classes else ""
+            raise BenchError(
+                f"arm {arm.name!r}: the teacher ({self.teacher_config}) has {count} classes "
+                f"({t_key}{': ' + ', '.join(names[:8]) if names else ''}) but the data has "
+                f"{expected}{shown}. Train the teacher on this data (drop --teacher-weights), or "
+                "map the classes with MODEL.KD.CLASS_MAPPING."
+            )
+
+    # -- the plan ------------------------------------------------------------------------------
+    def _plan(self):
+        """Resolve the teacher and every run: configs, hashes, output folders."""
+        opts = list(self.args.opts or [])
+        schedule = schedule_opts(self.iters)
+        self.runs, self.teacher = [], None
+        kd_arms = []
+        for arm in self.arms:
+            base = list(arm.opts) + opts + schedule
+            cfg = self._resolve(f"arm {arm.name!r}", arm.config,
+                                base + self.data_opts(f"arm {arm.name!r}", arm.config, base))
+            if cfg.MODEL.KD.ENABLED:
+                kd_arms.append(arm)
+        if kd_arms:
+            self._plan_teacher(kd_arms[0])
+        for seed in self.seeds:
+            for arm in self.arms:
+                self.runs.append(self._plan_run(arm, seed, opts, schedule))
+
+    def _plan_teacher(self, first_kd_arm):
+        if not self.teacher_config:
+            raise BenchError(
+                f"arm {first_kd_arm.name!r} uses KD but no teacher is set ('teacher: config:' in "
+                "the arms file or --teacher-config)"
+            )
+        what = f"teacher {self.teacher_config!r}"
+        opts = schedule_opts(self.teacher_iters) + self.teacher_opts
+        # A given checkpoint keeps its own class count: it is checked against the data.
+        self.teacher_data_opts = self.data_opts(
+            what, self.teacher_config, opts, class_key=not self.teacher_weights
+        )
+        cfg = self._resolve(what, self.teacher_config, opts + self.teacher_data_opts)
+        if not self.teacher_weights:
+            self._check_classes(what, cfg)
+        key = config_hash(cfg)
+        name = os.path.basename(self.teacher_config)[:-5]
+        cache = self.args.teacher_cache
+        if self.teacher_weights:
+            out_dir, weights = None, os.path.abspath(self.teacher_weights)
+        else:
+            if cache == "none":
+                out_dir = os.path.join(self.output, "teacher")
+            else:
+                out_dir = os.path.join(cache or default_teacher_cache(), f"{name}-{key}")
+            weights = os.path.join(out_dir, "model_final.pth")
+        self.teacher = {"config": self.teacher_config, "iters": self.teacher_iters,
+                        "opts": opts + self.teacher_data_opts, "overrides": self.teacher_opts,
+                        "key": key, "out_dir": out_dir, "weights": weights}  # fmt: skip
+
+    def _plan_run(self, arm, seed, opts, schedule):
+        what = f"arm {arm.name!r}"
+        run_opts = list(arm.opts) + opts + schedule + ["SEED", str(seed)]
+        run_opts += self.data_opts(what, arm.config, run_opts)
+        cfg = self._resolve(what, arm.config, run_opts)
+        self._check_classes(what, cfg)
+        teacher_key = None
+        if cfg.MODEL.KD.ENABLED:
+            t_opts = list(cfg.MODEL.KD.TEACHER.OPTS) + self.teacher_opts + self.teacher_data_opts
+            run_opts += [
+                "MODEL.KD.TEACHER.CONFIG_FILE", self.teacher_config,
+                "MODEL.KD.TEACHER.OPTS", repr(t_opts),
+                "MODEL.KD.TEACHER.WEIGHTS", self.teacher["weights"],
+            ]  # fmt: skip
+            cfg = self._resolve(what, arm.config, run_opts)
+            teacher_cfg = self._resolve(f"{what}: its teacher", self.teacher_config, t_opts)
+            self._check_teacher_classes(arm, cfg, teacher_cfg)
+            teacher_key = self.teacher["key"]
+        return {
+            "arm": arm.name, "title": arm.title, "seed": seed, "config": arm.config,
+            "opts": run_opts, "kd": bool(cfg.MODEL.KD.ENABLED),
+            "hash": config_hash(cfg, teacher_key),
+            "out_dir": os.path.join(self.output, f"{arm.name}_seed{seed}"),
+            "classes": self._classes_of(cfg),
+            "datasets": [list(cfg.DATASETS.TRAIN), list(cfg.DATASETS.TEST)],
+        }  # fmt: skip
+
+    # -- running -------------------------------------------------------------------------------
+    def ensure_teacher(self):
+        """Train the teacher, or reuse the cached run / given weights; sets its state."""
+        t = self.teacher
+        if t is None:
+            return
+        if t["out_dir"] is None:
+            t.update(state="given", bbox=None)
+            print(f"[kd_bench] teacher: given weights {t['weights']}", flush=True)
+            return
+        record = finished_run(t["out_dir"], t["key"])
+        if record and os.path.isfile(t["weights"]):
+            t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
+            print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
+            return
+        print(f"[kd_bench] teacher: training {t['iters']} iterations "
+              f"(log {t['out_dir']}/log.txt)", flush=True)  # fmt: skip
+        record = train_run(self.args.python, t["config"], t["out_dir"], t["opts"],
+                           label="teacher", run_hash=t["key"], max_iter=t["iters"],
+                           record={"config": t["config"], "opts": t["opts"]})  # fmt: skip
+        t.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+        print(f"[kd_bench] teacher: done in {record['seconds']:.0f} s, AP "
+              f"{record['bbox']['AP']:.1f}", flush=True)  # fmt: skip
+
+    def _estimate(self, run):
+        done = [r["seconds"] for r in self.runs if r.get("seconds") and r["arm"] == run["arm"]]
+        done = done or [r["seconds"] for r in self.runs if r.get("seconds")]
+        return sum(done) / len(done) if done else None
+
+    def run_all(self):
+        start = time.perf_counter()
+        os.makedirs(self.output, exist_ok=True)
+        for run in self.runs:
+            record = finished_run(run["out_dir"], run["hash"])
+            if record:
+                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+        self.ensure_teacher()
+        total = len(self.runs)
+        for i, run in enumerate(self.runs):
+            head = f"[kd_bench] run {i + 1}/{total} {run['arm']} seed {run['seed']}:"
+            if run.get("state") == "finished":
+                print(f"{head} finished before, skipped (AP {run['bbox']['AP']:.1f})", flush=True)
+                continue
+            left = [self._estimate(r) for r in self.runs[i:] if r.get("state") != "finished"]
+            if None in left:
+                when = "run time and bench ETA known after the first run"
+            else:
+                when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
+            print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
+            record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
+                               label=f"{run['arm']} seed {run['seed']}", run_hash=run["hash"],
+                               max_iter=self.iters,
+                               record={k: run[k] for k in ("arm", "seed", "config", "opts")})
+            # fmt: skip
+            run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+            print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
+                f"{k} {record['bbox'][k]:.1f}" for k in METRICS), flush=True)  # fmt: skip
+            self.write_results(time.perf_counter() - start, charts=False)
+        return self.write_results(time.perf_counter() - start)
+
+    # -- results -------------------------------------------------------------------------------
+    def summary(self):
+        per_arm = {}
+        for run in self.runs:
+            if run.get("bbox"):
+                per_arm.setdefault(run["arm"], {})[run["seed"]] = run["bbox"]
+        base = per_arm.get(self.baseline, {})
+        arms = []
+        for arm in self.arms:
+            values = per_arm.get(arm.name, {})
+            entry = {"name": arm.name, "title": arm.title, "n": len(values),
+                     "stats": {k: arm_stats([v[k] for v in values.values()]) for k in METRICS}}
+            # fmt: skip
+            if arm.name != self.baseline:
+                entry["diff"] = {k: paired_difference({s: v[k] for s, v in values.items()},
+                                                      {s: v[k] for s, v in base.items()})
+                                 for k in METRICS}  # fmt: skip
+            arms.append(entry)
+        return {"baseline": self.baseline, "arms": arms}
+
+    def result(self, seconds):
+        data = self.data
+        runs = [{k: r.get(k) for k in ("arm", "title", "seed", "config", "opts", "kd", "hash",
+                                       "out_dir", "state", "bbox", "seconds")}
+                for r in self.runs]  # fmt: skip
+        classes = data.classes if data else (self.runs[0]["classes"] or [])
+        return {
+            "arms_file": self.arms_file, "iters": self.iters, "seeds": self.seeds,
+            "arms": [{"name": a.name, "config": a.config, "opts": a.opts} for a in self.arms],
+            "overrides": list(self.args.opts or []),
+            "data": {"train": data.train.source if data else self.runs[0]["datasets"][0],
+                     "test": data.test.source if data else self.runs[0]["datasets"][1],
+                     "classes": list(classes)},
+            "teacher": self.teacher, "runs": runs, "summary": self.summary(),
+            "job_seconds": round(seconds, 1),
+        }  # fmt: skip
+
+    def write_results(self, seconds, charts=True):
+        result = self.result(seconds)
+        with open(os.path.join(self.output, "bench_results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        if charts:
+            write_markdown(result, os.path.join(self.output, "bench_results.md"))
+            write_chart(result, os.path.join(self.output, "bench_ap.png"))
+        return result
+
+    def print_plan(self):
+        print(f"[kd_bench] {len(self.arms)} arm(s) x seeds {self.seeds} = {len(self.runs)} runs "
+              f"of {self.iters} iterations; output {self.output}")  # fmt: skip
+        if self.data:
+            print(f"[kd_bench] data: train {self.data.train.source}, test "
+                  f"{self.data.test.source}, classes {self.data.classes}")  # fmt: skip
+        if self.teacher:
+            print(f"[kd_bench] teacher: {self.teacher['config']}, {self.teacher_iters} "
+                  f"iterations, {self.teacher['weights']}")  # fmt: skip
+        for run in self.runs:
+            state = "finished" if finished_run(run["out_dir"], run["hash"]) else "to train"
+            print(f"  {run['arm']} seed {run['seed']} ({run['config']}, hash {run['hash']}): "
+                  f"{state}")  # fmt: skip
+
+
+def _value(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def run_bench(spec, args, arms_file="(arms)"):
+    """Check, run and report a bench; returns the result dict (None for --dry-run)."""
+    bench = Bench(spec, args, arms_file)
+    bench.print_plan()
+    if args.dry_run:
+        return None
+    if getattr(args, "teacher_only", False):
+        bench.ensure_teacher()
+        bbox = (bench.teacher or {}).get("bbox")
+        if bbox:
+            print("[kd_bench] teacher: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in METRICS))
+        return None
+    result = bench.run_all()
+    print_tables(result)
+    for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):
+        print(f"wrote {os.path.join(bench.output, name)}")
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        spec = load_arms(args.arms_file)
+        return run_bench(spec, args, args.arms_file)
+    except (BenchError, RuntimeError) as e:
+        print(f"kd_bench: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+__all__ = ["Arm", "Bench", "BenchError", "flat_opts", "main", "run_bench"]
+
+if __name__ == "__main__":
+    main()

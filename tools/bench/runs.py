@@ -21,7 +21,9 @@ _ITER = re.compile(r"\biter: (\d+)")
 
 
 def schedule_opts(iters):
-    """Overrides for a run of ``iters`` iterations: lr drop at 5/6, warmup min(50, iters)."""
+    """Overrides for a run of ``iters`` iterations: lr drop at 5/6, warmup min(50, iters), a
+    checkpoint every tenth of the run (at least every 100 iterations apart) so that an
+    interrupted run resumes from its last checkpoint."""
     if iters < 1:
         raise ValueError(f"iterations must be >= 1, got {iters}")
     drop = round(iters * 5 / 6)
@@ -29,7 +31,18 @@ def schedule_opts(iters):
         "SOLVER.MAX_ITER", str(iters),
         "SOLVER.STEPS", f"({drop},)" if 0 < drop < iters else "()",
         "SOLVER.WARMUP_ITERS", str(min(50, iters)),
+        "SOLVER.CHECKPOINT_PERIOD", str(max(100, iters // 10)),
     ]  # fmt: skip
+
+
+def _resumable(out_dir, command):
+    """An interrupted run of the same command left a checkpoint in ``out_dir``."""
+    try:
+        with open(os.path.join(out_dir, "command.txt")) as f:
+            same = f.read() == " ".join(command) + "\n"
+    except OSError:
+        return False
+    return same and os.path.isfile(os.path.join(out_dir, "last_checkpoint"))
 
 
 def config_path(config_file):
@@ -109,7 +122,9 @@ def _progress(line, label, max_iter, tty):
 
 
 def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, record=None):
-    """Train and evaluate one config with ``train_net.py`` in ``out_dir`` (emptied first).
+    """Train and evaluate one config with ``train_net.py`` in ``out_dir``: emptied first, unless
+    an interrupted run of the same command left a checkpoint there, which is resumed
+    (``--resume``).
 
     The subprocess's output goes to ``out_dir/log.txt`` (Detectron2's own log, written by
     ``default_setup``) and ``out_dir/stdout.log``. On success ``bench_run.json`` records the
@@ -121,19 +136,22 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
     Raises:
         RuntimeError: train_net.py failed (names the log).
     """
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.makedirs(out_dir)
     cmd = [python, "train_net.py", "--config-file", config_file, "OUTPUT_DIR", out_dir]
     cmd += list(opts)
-    log_path = os.path.join(out_dir, "stdout.log")
-    with open(os.path.join(out_dir, "command.txt"), "w") as f:
-        f.write(" ".join(cmd) + "\n")
+    resume = _resumable(out_dir, cmd)
+    if not resume:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "command.txt"), "w") as f:
+            f.write(" ".join(cmd) + "\n")
+    log_path = os.path.join(out_dir, "stdout.log" if not resume else "stdout_resumed.log")
     tty = sys.stdout.isatty()
     start = time.perf_counter()
     tail = []
     with open(log_path, "w") as log:
+        run = cmd[:2] + ["--resume"] + cmd[2:] if resume else cmd
         proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            run, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for line in proc.stdout:
             log.write(line)

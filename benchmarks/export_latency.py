@@ -19,6 +19,8 @@ Usage:
     python benchmarks/export_latency.py [--models demo_dab_detr demo_deformable_detr demo_dino]
         [--size S] [--reps 20] [--warmup 3] [--threads N] [--runtimes ...]
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import os
 import statistics

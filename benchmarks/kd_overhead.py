@@ -28,6 +28,8 @@ groups' decoder activations are recomputed in the backward pass instead of kept.
 Usage: python benchmarks/kd_overhead.py [--steps 5] [--warmup 2] [--threads N] [--size 512]
            [--group-checkpoint]
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import json
 import os
@@ -128,9 +130,7 @@ def worker(name, args):
     import torch
 
     torch.set_num_threads(args.threads)
-    import kd_detr  # noqa: F401  (registers the models)
-
-    baseline = rss_mib()
+    baseline = rss_mib()  # after the imports (kd_detr, with its models, at the top)
     from detectron2.engine import SimpleTrainer
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage

@@ -22,6 +22,8 @@ Usage:
         deformable_detr_two_stage] [--size 512] [--reps 10] [--warmup 2] [--threads N]
         [--preset paper|tiny] [--profile]
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import contextlib
 import dataclasses

@@ -25,6 +25,8 @@ Parameters: ``sum(p.numel() for p in model.parameters())``, frozen backbone stag
 Usage:
     python benchmarks/params_flops.py [--size 800x1333] [--variants ...] [--backbones ...]
 """
+import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
+
 import argparse
 import logging
 import os

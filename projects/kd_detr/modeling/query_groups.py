@@ -1,14 +1,52 @@
 # Copyright (c) kd_detr contributors.
-"""Validation of extra query groups of box-query models (DAB-DETR, Deformable DETR, DINO).
+"""Extra query groups of box-query models (DAB-DETR, Deformable DETR, DINO, RT-DETR, D-FINE):
+validation, and the layout of the query sets decoded together in one pass.
 
 A group is ``{"boxes": (B or 1, M, 4) cxcywh in [0, 1], "content": optional (B or 1, M, d)}``;
 a leading 1 is shared by every image of the batch.
 """
-from typing import Mapping, Optional, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["check_box_group"]
+__all__ = ["block_diagonal_mask", "check_box_group", "joint_query_pass"]
+
+
+def block_diagonal_mask(sizes: List[int], device=None) -> torch.Tensor:
+    """(N, N) bool self-attention mask, N = sum(sizes), True (blocked) outside the diagonal
+    blocks, so that each consecutive run of ``sizes[i]`` queries attends only to itself."""
+    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes))
+    return group[:, None] != group[None, :]
+
+
+def joint_query_pass(
+    queries: Sequence[Tuple[torch.Tensor, torch.Tensor]], group_decoding: str, denoising=None
+):
+    """The query sets one decoder pass decodes together and their layout.
+
+    Args:
+        queries: per set (content (B, N_i, d), boxes (B, N_i, 4)), the detection set first.
+        group_decoding (str): "masked": every set in the pass; "separate": the detection set only
+            (the caller decodes the others in their own passes).
+        denoising: optional ``DenoisingQueries`` put first in the pass.
+
+    Returns:
+        tuple: content (B, N, d), boxes (B, N, 4), the sizes of the parts (the denoising queries
+        first when given), the self-attention mask (the denoising mask composed with the group
+        blocks, a block-diagonal mask, or None for one set), and how many of ``queries`` the
+        pass holds.
+    """
+    joint = queries if group_decoding == "masked" else queries[:1]
+    sizes = [c.shape[1] for c, _ in joint]
+    contents, boxes = [c for c, _ in joint], [b for _, b in joint]
+    if denoising is not None:
+        contents.insert(0, denoising.content.to(contents[0].dtype))
+        boxes.insert(0, denoising.boxes.to(boxes[0].dtype))
+        mask = denoising.attention_mask(sizes[0], sizes[1:])
+        sizes.insert(0, denoising.num_queries)
+    else:
+        mask = block_diagonal_mask(sizes, boxes[0].device) if len(sizes) > 1 else None
+    return torch.cat(contents, 1), torch.cat(boxes, 1), sizes, mask, len(joint)
 
 
 def check_box_group(

@@ -19,20 +19,13 @@ from ..denoising import (
     denoising_args_from_config,
     denoising_loss_key,
 )
-from ..query_groups import check_box_group
+from ..query_groups import block_diagonal_mask, check_box_group, joint_query_pass
 from ..transformer import MLP
 from ..transformer.dab_transformer import inverse_sigmoid
 from .denoising_forward import DenoisingForwardMixin
 from .detr import DETR, ImagesLike
 
-__all__ = ["DABDETR", "block_diagonal_mask"]
-
-
-def block_diagonal_mask(sizes: List[int], device=None) -> torch.Tensor:
-    """(N, N) bool self-attention mask, N = sum(sizes), True (blocked) outside the diagonal
-    blocks, so that each consecutive run of ``sizes[i]`` queries attends only to itself."""
-    group = torch.repeat_interleave(torch.arange(len(sizes), device=device), torch.tensor(sizes))
-    return group[:, None] != group[None, :]
+__all__ = ["DABDETR", "block_diagonal_mask"]  # the mask lives in ..query_groups
 
 
 @META_ARCH_REGISTRY.register()
@@ -251,14 +244,12 @@ class DABDETR(DenoisingForwardMixin, DETR):
         """
         args = (encoded["memory"], encoded["pos"], encoded["mask"])
         heads = self._box_heads()
-        joint = queries if self.group_decoding == "masked" else queries[:1]
-        sizes = [denoising.num_queries] + [c.shape[1] for c, _ in joint]
-        content = torch.cat([denoising.content.to(joint[0][0].dtype)] + [c for c, _ in joint], 1)
-        boxes = torch.cat([denoising.boxes.to(joint[0][1].dtype)] + [b for _, b in joint], 1)
-        mask = denoising.attention_mask(sizes[1], sizes[2:])
+        content, boxes, sizes, mask, num_joint = joint_query_pass(
+            queries, self.group_decoding, denoising
+        )
         hs, refs = self.transformer.decode(content, *args, boxes, heads, self_attn_mask=mask)
         parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
-        rest = [self.transformer.decode(c, *args, b, heads) for c, b in queries[len(joint) :]]
+        rest = [self.transformer.decode(c, *args, b, heads) for c, b in queries[num_joint:]]
         return parts[1:] + rest, parts[0]
 
     def forward_raw(

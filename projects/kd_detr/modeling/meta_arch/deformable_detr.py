@@ -18,7 +18,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.structures import ImageList
 
 from ..position_encoding import PositionEmbeddingSine
-from ..query_groups import check_box_group
+from ..query_groups import block_diagonal_mask, check_box_group
 from ..transformer import MLP
 from ..transformer.deformable_transformer import reference_logits
 from ..transformer.query_selection import (
@@ -27,7 +27,6 @@ from ..transformer.query_selection import (
     box_sine_embedding_xywh,
     topk_proposals,
 )
-from .dab_detr import block_diagonal_mask
 from .detr import DETR, ImagesLike, padding_mask
 
 __all__ = ["DeformableDETR"]

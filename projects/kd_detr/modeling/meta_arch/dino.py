@@ -23,9 +23,9 @@ from ..denoising import (
     denoising_loss_key,
 )
 from ..position_encoding import PositionEmbeddingSine
+from ..query_groups import joint_query_pass
 from ..transformer.dab_transformer import inverse_sigmoid
 from ..transformer.query_selection import EncoderProposals, topk_indices
-from .dab_detr import block_diagonal_mask
 from .deformable_detr import DeformableDETR
 from .denoising_forward import DenoisingForwardMixin
 from .detr import ImagesLike
@@ -210,22 +210,13 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
             and the denoising queries' pair, or None.
         """
         heads = self._heads()[1][:-1]
-        joint = queries if self.group_decoding == "masked" else queries[:1]
-        sizes = [c.shape[1] for c, _ in joint]
-        contents, boxes = [c for c, _ in joint], [b for _, b in joint]
-        if denoising is not None:
-            contents.insert(0, denoising.content.to(contents[0].dtype))
-            boxes.insert(0, denoising.boxes.to(boxes[0].dtype))
-            mask = denoising.attention_mask(sizes[0], sizes[1:])
-            sizes.insert(0, denoising.num_queries)
-        else:
-            mask = block_diagonal_mask(sizes, boxes[0].device) if len(sizes) > 1 else None
-        hs, refs = self.transformer.decode(
-            torch.cat(contents, 1), torch.cat(boxes, 1), encoded, heads, mask
+        content, boxes, sizes, mask, num_joint = joint_query_pass(
+            queries, self.group_decoding, denoising
         )
+        hs, refs = self.transformer.decode(content, boxes, encoded, heads, mask)
         parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
         dn_part = parts.pop(0) if denoising is not None else None
-        rest = [self.transformer.decode(c, b, encoded, heads) for c, b in queries[len(joint) :]]
+        rest = [self.transformer.decode(c, b, encoded, heads) for c, b in queries[num_joint:]]
         return parts + rest, dn_part
 
     def predict(self, hs, references) -> Dict[str, torch.Tensor]:

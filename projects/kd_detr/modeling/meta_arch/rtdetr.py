@@ -26,11 +26,10 @@ from ..denoising import (
 )
 from ..matcher import HungarianMatcher
 from ..num_classes import check_num_classes
-from ..query_groups import check_box_group
+from ..query_groups import check_box_group, joint_query_pass
 from ..transformer import MLP
 from ..transformer.rtdetr_decoder import RTDETRDecoder
 from ..transformer.rtdetr_encoder import HybridEncoder
-from .dab_detr import block_diagonal_mask
 from .denoising_forward import DenoisingForwardMixin
 from .detr import DETR, ImagesLike
 from .rtdetr_criterion import VarifocalCriterion, denoising_targets
@@ -420,21 +419,14 @@ class RTDETR(DenoisingForwardMixin, DETR):
             the denoising queries' dict or None.
         """
         args = (encoded["memory"], encoded["spatial_shapes"], list(self.bbox_embed))
-        joint = queries if self.group_decoding == "masked" else queries[:1]
-        sizes = [c.shape[1] for c, _ in joint]
-        contents, boxes = [c for c, _ in joint], [b for _, b in joint]
-        if denoising is not None:
-            contents.insert(0, denoising.content.to(contents[0].dtype))
-            boxes.insert(0, denoising.boxes.to(boxes[0].dtype))
-            mask = denoising.attention_mask(sizes[0], sizes[1:])
-            sizes.insert(0, denoising.num_queries)
-        else:
-            mask = block_diagonal_mask(sizes, boxes[0].device) if len(sizes) > 1 else None
-        out = self.transformer(torch.cat(contents, 1), torch.cat(boxes, 1), *args, mask)
+        content, boxes, sizes, mask, num_joint = joint_query_pass(
+            queries, self.group_decoding, denoising
+        )
+        out = self.transformer(content, boxes, *args, mask)
         split = {k: v.split(sizes, dim=v.dim() - 2) for k, v in out.items()}  # the query dim
         parts = [{k: v[i] for k, v in split.items()} for i in range(len(sizes))]
         dn_part = parts.pop(0) if denoising is not None else None
-        rest = [self.transformer(c, b, *args) for c, b in queries[len(joint) :]]
+        rest = [self.transformer(c, b, *args) for c, b in queries[num_joint:]]
         return parts + rest, dn_part
 
     def predict(self, decoded: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

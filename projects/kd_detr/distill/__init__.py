@@ -21,6 +21,7 @@ from .losses import (
     sigmoid_kl,
     softmax_kl,
 )
+from .mlkd import MLKDLoss, add_mlkd_config, mlkd_confidence_mask, mlkd_levels
 from .pairing import (
     KD_PAIRING_REGISTRY,
     ConsistentPairing,

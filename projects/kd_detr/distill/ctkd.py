@@ -197,16 +197,17 @@ class CTKDLoss(PointKDTerm):
         self.strength = ctkd_lambda(
             context.iteration, self.lambda_min, self.lambda_max, self.decay_iters
         )
-        self._logged = []
+        try:
+            storage = get_event_storage()
+        except AssertionError:  # no EventStorage active: nothing to log (and no device sync)
+            storage = None
+        self._logged = [] if storage is not None else None
         losses = super().forward(context)
-        if self._logged:
-            try:
-                storage = get_event_storage()
-            except AssertionError:  # no EventStorage active
-                storage = None
-            if storage is not None:
+        if storage is not None:
+            if self._logged:
                 storage.put_scalar("kd_ctkd_temperature", sum(self._logged) / len(self._logged))
-                storage.put_scalar("kd_ctkd_lambda", self.strength)
+            storage.put_scalar("kd_ctkd_lambda", self.strength)
+        self._logged = None
         return losses
 
     def pair_losses(
@@ -220,7 +221,7 @@ class CTKDLoss(PointKDTerm):
         weights = weights.detach().float()
         norm = (all_reduce_sum(weights.sum()) / comm.get_world_size()).clamp(min=_EPS)
         temperature = self.temperature(s_logits[-1], t_logits)
-        if temperature.numel() > 0 and hasattr(self, "_logged"):
+        if temperature.numel() > 0 and getattr(self, "_logged", None) is not None:
             self._logged.append(temperature.detach().float().mean().item())
         losses = {}
         for layer in range(s_logits.shape[0]):

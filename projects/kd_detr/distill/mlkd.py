@@ -24,7 +24,8 @@ kept points (the paper sums over a batch of 64 to 512 images; a group has B x 30
 would scale the term by n^2); the mask removes points before the reductions (the official code
 multiplies it onto already-reduced scalars); no strong-augmentation view (the pairing gives one
 view); the Grams are per rank (no all-gather). Defaults: TEMPERATURES {1, 2, 3, 5, 6} (the ImageNet
-config: T 1 plus the fixed 2, 3, 5, 6), weights 1.
+config: T 1 plus the fixed 2, 3, 5, 6), weights 1. Cost: the batch level builds n x n Grams per
+layer and temperature (n ~ B x M / 2 with the median mask; B 8, M 300: 1,200^2 entries).
 """
 from typing import Dict, Optional, Sequence
 

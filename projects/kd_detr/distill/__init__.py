@@ -7,6 +7,7 @@ from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_gen
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
+from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
 from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
 from .fingerprint import TeacherFingerprint, file_sha256
 from .fitnet import FitNetLoss, add_fitnet_config
@@ -20,6 +21,7 @@ from .losses import (
     sigmoid_kl,
     softmax_kl,
 )
+from .mlkd import MLKDLoss, add_mlkd_config, mlkd_confidence_mask, mlkd_levels
 from .pairing import (
     KD_PAIRING_REGISTRY,
     ConsistentPairing,

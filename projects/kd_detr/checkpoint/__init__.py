@@ -4,6 +4,7 @@ from . import (  # noqa: F401  (register)
     detrex,
     hf_source,
     official,
+    official_d_fine,
     official_deformable_detr,
     official_dino,
     official_rt_detr,

@@ -174,7 +174,7 @@ def check_class_rows(state: Dict[str, torch.Tensor], cfg, coco_classes: str) -> 
 def finish_rt_detr_family(state: Dict[str, torch.Tensor], cfg, coco_classes: str) -> Dict:
     """Checks shared by the RT-DETR and D-FINE converters (queries, hidden size, classes, DN)."""
     d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
-    check_hidden_size(state, cfg, "decoder_input_proj.0.0.weight")
+    check_hidden_size(state, cfg, "enc_output.0.weight")
     queries = state.get("tgt_embed.weight")
     if (queries is not None) != bool(r.LEARN_INITIAL_QUERY):
         raise ValueError(

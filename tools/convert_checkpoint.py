@@ -24,6 +24,11 @@ DeformableDETR config converts detrex ``projects/deformable_detr`` checkpoints.
 ``--source detrex`` with a DINO config converts detrex ``projects/dino`` checkpoints, which train
 one head per decoder layer: add MODEL.DETR.DINO.SHARE_HEADS False and detrex's position encoding
 MODEL.DETR.POSITION_TEMPERATURE 10000.0 MODEL.DETR.DINO.POSITION_OFFSET -0.5.
+
+``--source rt_detr``: INPUT is a .pth of lyuwenyu/RT-DETR (rtdetr_pytorch v1 or rtdetrv2_pytorch
+v2, ResNet-vd backbone) for an RTDETR config of the same MODEL.RTDETR.VERSION; the EMA weights are
+used when the file has them, else "model". Its 80 COCO classes are Detectron2's order already.
+``--source d_fine``: the same for a .pth of Peterande/D-FINE (HGNetv2) and a DFINE config.
 """
 import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
 

@@ -4,8 +4,10 @@ from . import (  # noqa: F401  (register)
     detrex,
     hf_source,
     official,
+    official_d_fine,
     official_deformable_detr,
     official_dino,
+    official_rt_detr,
 )
 from .hf_d_fine import convert_hf_d_fine, hf_d_fine_config_mismatches
 from .hf_dab_detr import convert_hf_dab_detr, hf_dab_detr_config_mismatches

@@ -14,6 +14,23 @@ from detectron2.modeling import build_model
 from .common import REPO_ROOT, require_module
 from .model_helpers import assert_loads_strictly, config_from
 
+# Transformer settings of the tiny Hugging Face RT-DETR(v2) / D-FINE twins of
+# configs/tests/rt_detr_tiny_parity.yaml and dfine_tiny_parity.yaml (their backbones differ).
+TINY_REALTIME_HF = dict(
+    d_model=64,
+    encoder_hidden_dim=64,
+    decoder_in_channels=[64, 64, 64],
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    decoder_layers=2,
+    num_queries=10,
+    num_labels=5,
+    decoder_n_points=2,
+    num_denoising=6,
+)
+
 
 def load_convert_checkpoint_cli():
     """Import tools/convert_checkpoint.py (tools/ is not a package)."""

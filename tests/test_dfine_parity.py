@@ -17,7 +17,7 @@ from kd_detr.checkpoint import convert_hf_d_fine, hf_d_fine_config_mismatches
 from kd_detr.modeling.meta_arch import DFINE  # noqa: F401  (registers the model)
 
 from .common import REPO_ROOT
-from .hf_reference import HFParityTestCase, parity_cfg, perturb_hf_weights
+from .hf_reference import TINY_REALTIME_HF, HFParityTestCase, parity_cfg, perturb_hf_weights
 from .model_helpers import single_thread_module
 from .test_rt_detr_parity import images
 
@@ -44,18 +44,7 @@ def build_hf_dfine(transformers, seed: int = 0, **overrides):
     kwargs = dict(
         backbone_config=backbone,
         encoder_in_channels=[256, 512, 1024],
-        d_model=64,
-        encoder_hidden_dim=64,
-        decoder_in_channels=[64, 64, 64],
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        decoder_layers=2,
-        num_queries=10,
-        num_labels=5,
-        decoder_n_points=2,
-        num_denoising=6,
+        **TINY_REALTIME_HF,
         depth_mult=0.34,
     )
     kwargs.update(overrides)

@@ -16,7 +16,7 @@ from kd_detr.checkpoint import convert_hf_rt_detr, hf_rt_detr_config_mismatches
 from kd_detr.modeling.meta_arch import RTDETR  # noqa: F401  (registers the model)
 
 from .common import REPO_ROOT
-from .hf_reference import HFParityTestCase, parity_cfg, perturb_hf_weights
+from .hf_reference import TINY_REALTIME_HF, HFParityTestCase, parity_cfg, perturb_hf_weights
 from .model_helpers import single_thread_module
 
 setUpModule, tearDownModule = single_thread_module()
@@ -39,18 +39,7 @@ def build_hf_rt_detr(transformers, seed: int = 0, v2: bool = False, **overrides)
     kwargs = dict(
         backbone_config=backbone,
         encoder_in_channels=[128, 256, 512],
-        d_model=64,
-        encoder_hidden_dim=64,
-        decoder_in_channels=[64, 64, 64],
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        decoder_layers=2,
-        num_queries=10,
-        num_labels=5,
-        decoder_n_points=2,
-        num_denoising=6,
+        **TINY_REALTIME_HF,
     )
     kwargs.update(overrides)
     torch.manual_seed(seed)

@@ -126,18 +126,9 @@ class DFINE(RTDETR):
 
     @classmethod
     def _build_decoder(cls, cfg, points: List[int]) -> nn.Module:
-        d, r, f = cfg.MODEL.DETR, cfg.MODEL.RTDETR, cfg.MODEL.DFINE
+        f = cfg.MODEL.DFINE
         return DFineDecoder(
-            d_model=d.HIDDEN_DIM,
-            num_layers=d.DEC_LAYERS,
-            heads=d.NHEADS,
-            ffn_dim=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=d.ACTIVATION,
-            points=points,
-            offset_scale=r.OFFSET_SCALE,
-            method=r.SAMPLING_METHOD,
-            kernel=d.DEFORMABLE.ATTN_KERNEL,
+            **cls._decoder_args(cfg, points),
             num_bins=f.NUM_BINS,
             reg_scale=f.REG_SCALE,
             up=f.UP,

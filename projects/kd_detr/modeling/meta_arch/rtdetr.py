@@ -259,21 +259,27 @@ class RTDETR(DenoisingForwardMixin, DETR):
         """Extra HybridEncoder arguments of the subclass (D-FINE's fusion blocks)."""
         return {}
 
+    @staticmethod
+    def _decoder_args(cfg, points: List[int]) -> Dict:
+        """Arguments every real-time decoder (RT-DETR's, D-FINE's) takes from the config."""
+        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
+        return {
+            "d_model": d.HIDDEN_DIM,
+            "num_layers": d.DEC_LAYERS,
+            "heads": d.NHEADS,
+            "ffn_dim": d.DIM_FEEDFORWARD,
+            "dropout": d.DROPOUT,
+            "activation": d.ACTIVATION,
+            "points": points,
+            "offset_scale": r.OFFSET_SCALE,
+            "method": r.SAMPLING_METHOD,
+            "kernel": d.DEFORMABLE.ATTN_KERNEL,
+        }
+
     @classmethod
     def _build_decoder(cls, cfg, points: List[int]) -> nn.Module:
-        d, r = cfg.MODEL.DETR, cfg.MODEL.RTDETR
         return RTDETRDecoder(
-            d_model=d.HIDDEN_DIM,
-            num_layers=d.DEC_LAYERS,
-            heads=d.NHEADS,
-            ffn_dim=d.DIM_FEEDFORWARD,
-            dropout=d.DROPOUT,
-            activation=d.ACTIVATION,
-            points=points,
-            offset_scale=r.OFFSET_SCALE,
-            method=r.SAMPLING_METHOD,
-            kernel=d.DEFORMABLE.ATTN_KERNEL,
-            look_forward_twice=r.LOOK_FORWARD_TWICE,
+            **cls._decoder_args(cfg, points), look_forward_twice=cfg.MODEL.RTDETR.LOOK_FORWARD_TWICE
         )
 
     @classmethod

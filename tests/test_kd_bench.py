@@ -15,7 +15,13 @@ from .common import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import kd_bench  # noqa: E402
-from bench import BenchError, load_arms, paired_difference  # noqa: E402
+from bench import (  # noqa: E402; fmt: skip
+    BenchError,
+    config_hash,
+    load_arms,
+    paired_difference,
+    resolve_config,
+)
 from bench.stats import arm_stats  # noqa: E402
 
 STUDENT = "configs/demo/dab_detr_efflite0_demo.yaml"
@@ -150,6 +156,27 @@ class TestArmsFile(unittest.TestCase):
             with self.assertRaises(BenchError) as ctx:
                 load_arms(_write(os.path.join(self.tmp, "bad.yaml"), text))
             self.assertIn(message, str(ctx.exception))
+
+
+class TestConfigHash(unittest.TestCase):
+    def test_only_values_that_differ_from_the_defaults_count(self):
+        """A key added by later code at its default keeps every hash (cached teachers stay
+        valid); a changed value changes it."""
+        from bench import runs
+
+        cfg = resolve_config(STUDENT)
+        before = config_hash(cfg)
+        runs.config_hash(cfg)  # fills the defaults
+        saved = dict(runs._DEFAULTS)
+        self.addCleanup(lambda: (runs._DEFAULTS.clear(), runs._DEFAULTS.update(saved)))
+        runs._DEFAULTS["MODEL.KD.NEW_METHOD.WEIGHT"] = 1.0
+        grown = cfg.clone()
+        grown.defrost()
+        grown.MODEL.KD.NEW_METHOD = type(cfg)({"WEIGHT": 1.0})
+        self.assertEqual(config_hash(grown), before)
+        grown.MODEL.KD.NEW_METHOD.WEIGHT = 2.0
+        self.assertNotEqual(config_hash(grown), before)
+        self.assertNotEqual(config_hash(cfg, teacher_key="abc"), before)
 
 
 class TestStatistics(unittest.TestCase):
@@ -301,6 +328,35 @@ class TestTinyRuns(unittest.TestCase):
         self.assertEqual(states["no_kd"][0], "trained")
         self.assertNotEqual(states["no_kd"][1], hashes["no_kd"])
         self.assertEqual(self._config("no_kd_seed0")["MODEL"]["DETR"]["DEC_LAYERS"], 2)
+
+        # A new checkout (empty output folder) with --results-from the committed results: the
+        # teacher is trained again (CPU training is deterministic: the same weights sha256), the
+        # runs with the same hash and teacher weights are taken over, no student trains.
+        earlier = os.path.join(self.tmp, "earlier_results.json")
+        shutil.copy(os.path.join(self.tmp, "out", "bench_results.json"), earlier)
+        shutil.rmtree(os.path.join(self.tmp, "out"))
+        fourth, stdout = self._run(arms, data + ["--results-from", earlier])
+        self.assertEqual(fourth["teacher"]["weights_sha256"], third["teacher"]["weights_sha256"])
+        self.assertEqual([r["state"] for r in fourth["runs"]], ["imported", "imported"])
+        self.assertEqual([r["bbox"] for r in fourth["runs"]], [r["bbox"] for r in third["runs"]])
+        self.assertIn("2 finished run(s) taken over", stdout)
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "out", "kd_seed0")))
+        # Results of another teacher (weights sha256 differs): the KD run trains again.
+        with open(earlier) as f:
+            content = json.load(f)
+        content["teacher"]["weights_sha256"] = "0" * 64
+        _write(earlier, json.dumps(content))
+        shutil.rmtree(os.path.join(self.tmp, "out"))
+        fifth, stdout = self._run(arms, data + ["--results-from", earlier])
+        self.assertEqual({r["arm"]: r["state"] for r in fifth["runs"]},
+                         {"no_kd": "imported", "kd": "trained"})  # fmt: skip
+        self.assertIn("1 KD run(s) not (another teacher", stdout)
+        # --report-only trains nothing: finished runs in OUTPUT are reported (the KD run of
+        # the fifth bench), the rest (no_kd, taken over there, not here) as not run.
+        report, _ = self._run(arms, data + ["--report-only"])
+        self.assertEqual({r["arm"]: r["state"] for r in report["runs"]},
+                         {"no_kd": None, "kd": "finished"})  # fmt: skip
+        self.assertFalse(os.path.exists(os.path.join(self.tmp, "out", "no_kd_seed0")))
 
     def test_voc_folder_with_class_names(self):
         voc = _voc_dataset(os.path.join(self.tmp, "voc"))

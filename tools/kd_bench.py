@@ -87,8 +87,19 @@ def add_bench_args(parser):
     group.add_argument("--train-split", default=None, help="VOC split of --train (trainval)")
     group.add_argument("--test-split", default=None, help="VOC split of --test (test)")
     group.add_argument("--classes", default=None, help="VOC class names, 'A;B;C' (class-id order)")
+    parser.add_argument(
+        "--results-from", nargs="+", default=[], metavar="BENCH_RESULTS_JSON",
+        help="bench_results.json files of earlier benches (e.g. committed under docs/): their "
+        "finished runs with the same config hash (and, for KD runs, the same teacher weights, "
+        "by sha256) are taken over instead of trained again",
+    )  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter for train_net.py")
     parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="train nothing: write the results of the runs finished so far (in OUTPUT and in "
+        "--results-from files), e.g. while other bench processes still run",
+    )  # fmt: skip
     parser.add_argument(
         "--teacher-only", action="store_true",
         help="train (or find in the cache) the teacher, print its AP and stop",
@@ -339,12 +350,12 @@ class Bench:
         if t["out_dir"] is None:
             t.update(state="given", bbox=None)
             print(f"[kd_bench] teacher: given weights {t['weights']}", flush=True)
-            return
+            return self._fingerprint_teacher()
         record = finished_run(t["out_dir"], t["key"])
         if record and os.path.isfile(t["weights"]):
             t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
             print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
-            return
+            return self._fingerprint_teacher()
         print(f"[kd_bench] teacher: training {t['iters']} iterations "
               f"(log {t['out_dir']}/log.txt)", flush=True)  # fmt: skip
         record = train_run(self.args.python, t["config"], t["out_dir"], t["opts"],
@@ -353,27 +364,89 @@ class Bench:
         t.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
         print(f"[kd_bench] teacher: done in {record['seconds']:.0f} s, AP "
               f"{record['bbox']['AP']:.1f}", flush=True)  # fmt: skip
+        self._fingerprint_teacher()
+
+    def _fingerprint_teacher(self):
+        """sha256 of the teacher's weights file: the identity of "the same teacher" for runs
+        taken over from earlier benches (``--results-from``)."""
+        from kd_detr.distill.fingerprint import file_sha256
+
+        t = self.teacher
+        t["weights_sha256"] = file_sha256(t["weights"])
+        print(f"[kd_bench] teacher: weights sha256 {t['weights_sha256']}", flush=True)
+
+    def take_over_results(self):
+        """Mark runs finished in the ``--results-from`` files as "imported" (same arm, seed and
+        config hash; KD runs also the same teacher weights sha256)."""
+        earlier = {}
+        for path in getattr(self.args, "results_from", None) or []:
+            try:
+                with open(path) as f:
+                    content = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise BenchError(f"--results-from {path!r}: cannot read it ({e})") from e
+            sha = (content.get("teacher") or {}).get("weights_sha256")
+            for run in content.get("runs", []):
+                if run.get("bbox") and run.get("state") in ("trained", "finished", "imported"):
+                    earlier[(run["arm"], run["seed"], run["hash"])] = (run, sha)
+        ours = (self.teacher or {}).get("weights_sha256")
+        taken = skipped = 0
+        for run in self.runs:
+            found = earlier.get((run["arm"], run["seed"], run["hash"]))
+            if run.get("state") == "finished" or found is None:
+                continue
+            if run["kd"] and found[1] != ours:
+                skipped += 1
+                continue
+            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"])
+            taken += 1
+        if earlier:
+            print(f"[kd_bench] --results-from: {taken} finished run(s) taken over"
+                  + (f", {skipped} KD run(s) not (another teacher: weights sha256 differs)"
+                     if skipped else ""), flush=True)  # fmt: skip
 
     def _estimate(self, run):
         done = [r["seconds"] for r in self.runs if r.get("seconds") and r["arm"] == run["arm"]]
         done = done or [r["seconds"] for r in self.runs if r.get("seconds")]
         return sum(done) / len(done) if done else None
 
-    def run_all(self):
-        start = time.perf_counter()
-        os.makedirs(self.output, exist_ok=True)
+    def collect_finished(self):
+        """Mark the runs finished in OUTPUT (their ``bench_run.json`` matches their hash)."""
         for run in self.runs:
             record = finished_run(run["out_dir"], run["hash"])
             if record:
                 run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+
+    def report_only(self):
+        """Results of what is finished, training nothing (the teacher's weights are
+        fingerprinted when present, for ``--results-from``)."""
+        os.makedirs(self.output, exist_ok=True)
+        self.collect_finished()
+        t = self.teacher
+        if t is not None:
+            record = finished_run(t["out_dir"], t["key"]) if t["out_dir"] else None
+            t.update(state="cached" if record else "given", bbox=(record or {}).get("bbox"),
+                     seconds=(record or {}).get("seconds"))  # fmt: skip
+            if os.path.isfile(t["weights"]):
+                self._fingerprint_teacher()
+        self.take_over_results()
+        return self.write_results(0.0)
+
+    def run_all(self):
+        start = time.perf_counter()
+        os.makedirs(self.output, exist_ok=True)
+        self.collect_finished()
         self.ensure_teacher()
+        self.take_over_results()
         total = len(self.runs)
         for i, run in enumerate(self.runs):
             head = f"[kd_bench] run {i + 1}/{total} {run['arm']} seed {run['seed']}:"
-            if run.get("state") == "finished":
-                print(f"{head} finished before, skipped (AP {run['bbox']['AP']:.1f})", flush=True)
+            if run.get("state") in ("finished", "imported"):
+                print(f"{head} {run['state']} before, skipped (AP {run['bbox']['AP']:.1f})",
+                      flush=True)  # fmt: skip
                 continue
-            left = [self._estimate(r) for r in self.runs[i:] if r.get("state") != "finished"]
+            left = [self._estimate(r) for r in self.runs[i:]
+                    if r.get("state") not in ("finished", "imported")]  # fmt: skip
             if None in left:
                 when = "run time and bench ETA known after the first run"
             else:
@@ -469,7 +542,7 @@ def run_bench(spec, args, arms_file="(arms)"):
         if bbox:
             print("[kd_bench] teacher: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in METRICS))
         return None
-    result = bench.run_all()
+    result = bench.report_only() if getattr(args, "report_only", False) else bench.run_all()
     print_tables(result)
     for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):
         print(f"wrote {os.path.join(bench.output, name)}")

@@ -71,7 +71,9 @@ def write_markdown(result, path):
         lines += [
             f"Teacher: `{teacher['config']}`, {teacher['iters']} iterations ({teacher['state']}, "
             f"`{teacher['weights']}`): " + ", ".join(
-                f"{k} {fmt(teacher['bbox'][k])}" for k in METRICS),
+                f"{k} {fmt(teacher['bbox'][k])}" for k in METRICS)
+            + (f"; weights sha256 `{teacher['weights_sha256']}`"
+               if teacher.get("weights_sha256") else ""),
             "",
         ]  # fmt: skip
     lines += ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
@@ -89,12 +91,13 @@ def write_markdown(result, path):
     ]
     for arm in result["arms"]:
         lines.append(f"| {arm['name']} | `{arm['config']}` | `{' '.join(arm['opts']) or '-'}` |")
-    lines += ["", "| run | seed | AP | AP50 | AP75 | seconds | config hash |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["", "| run | seed | AP | AP50 | AP75 | seconds | state | config hash |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for run in result["runs"]:
         bbox = run.get("bbox") or {}
         lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(
-            fmt(bbox.get(k)) for k in METRICS) + f" | {run.get('seconds', '-')} | {run['hash']} |")
+            fmt(bbox.get(k)) for k in METRICS) + f" | {run.get('seconds', '-')} | "
+            f"{run.get('state') or 'to train'} | {run['hash']} |")  # fmt: skip
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -71,17 +71,39 @@ def resolve_config(config_file, opts=()):
     return load_config(config_path(config_file), opts=list(opts), freeze=False)
 
 
+_DEFAULTS = {}  # kd_detr's default config, flat (filled once)
+
+
+def _flat_items(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def config_hash(cfg, teacher_key=None):
-    """Hash of a resolved config without its OUTPUT_DIR, with kd_detr's version. For a KD run
-    the teacher checkpoint path is replaced by the teacher's own key (its resolved config)."""
+    """Hash of the values of a resolved config that differ from kd_detr's defaults (without
+    OUTPUT_DIR), with kd_detr's version: a config key added by later code, at its default, keeps
+    the hash of every run (and cached teacher) the same. For a KD run the teacher checkpoint path
+    is replaced by the teacher's own key (its resolved config)."""
     import kd_detr
+    from kd_detr.config import load_config
 
     cfg = cfg.clone()
     cfg.defrost()
     cfg.OUTPUT_DIR = ""
     if teacher_key is not None:
         cfg.MODEL.KD.TEACHER.WEIGHTS = f"teacher:{teacher_key}"
-    text = cfg.dump() + "\0" + kd_detr.__version__
+    if not _DEFAULTS:
+        _DEFAULTS.update(_flat_items(load_config(freeze=False, register_datasets=False)))
+    defaults = _DEFAULTS
+    changed = sorted(
+        (key, repr(value))
+        for key, value in _flat_items(cfg)
+        if key not in defaults or defaults[key] != value
+    )
+    text = "\n".join(f"{key}={value}" for key, value in changed) + "\0" + kd_detr.__version__
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -175,9 +175,15 @@ class TestCTKDInTraining(unittest.TestCase):
         self.assertEqual(term.mlp[0].in_features, 2 * (cfg.MODEL.DETR.NUM_CLASSES + 1))
         with tempfile.TemporaryDirectory() as tmp:
             weights = save_teacher(tmp)
-            run = kd_cfg(tmp, weights, "MODEL.KD.LOSSES", "['KDDETRLoss', 'CTKDLoss']")
+            run = kd_cfg(tmp, weights, "MODEL.KD.LOSSES", "['KDDETRLoss', 'CTKDLoss']",
+                         "MODEL.KD.CTKD.LR_FACTOR", "50.0")  # fmt: skip
             trainer = FixedBatchKDTrainer(run)
             term = trainer.kd_losses[1]
+            # The temperature's own optimizer group: BASE_LR x LR_FACTOR, no weight decay.
+            (group,) = [g for g in trainer.optimizer.param_groups
+                        if any(p is term.theta for p in g["params"])]  # fmt: skip
+            self.assertAlmostEqual(group["initial_lr"], run.SOLVER.BASE_LR * 50.0)
+            self.assertEqual((len(group["params"]), group["weight_decay"]), (1, 0.0))
             self.assertFalse(term.softmax)  # tiny DAB-DETR: sigmoid focal
             losses = trainer._trainer.compute_losses(synthetic_batch(2))
             for key in ("loss_kd_ctkd_general", "loss_kd_ctkd_specific_0", "loss_kd_cls_general"):

@@ -91,6 +91,11 @@ class TestMLKDFormula(unittest.TestCase):
         mask = mlkd_confidence_mask(logits, 0.5, softmax=False)
         self.assertEqual(mask.tolist(), [0.0, 1.0, 1.0, 0.0, 1.0])
         self.assertEqual(mlkd_confidence_mask(logits, 0.0, softmax=False).tolist(), [1.0] * 5)
+        # MASK_KEEP "unconfident": the official code's comparison, the median and below.
+        low = mlkd_confidence_mask(logits, 0.5, softmax=False, keep="unconfident")
+        self.assertEqual(low.tolist(), [1.0, 0.0, 1.0, 1.0, 0.0])
+        with self.assertRaisesRegex(ValueError, "MASK_KEEP"):
+            MLKDLoss(mask_keep="high")
         # Softmax: the background (last) logit does not count as confidence.
         logits = torch.tensor([[0.0, 0.0, 9.0], [3.0, 0.0, 0.0]])
         self.assertEqual(mlkd_confidence_mask(logits, 1.0, softmax=True).tolist(), [0.0, 1.0])

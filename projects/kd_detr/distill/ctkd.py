@@ -73,6 +73,10 @@ def add_ctkd_config(cfg):
     cfg.MODEL.KD.CTKD.DECAY_ITERS = 10000
     # Multiplies the loss.
     cfg.MODEL.KD.CTKD.WEIGHT = 1.0
+    # Learning rate of the temperature parameters: SOLVER.BASE_LR x LR_FACTOR (CTKD trains them
+    # with the student's optimizer and lr, factor 1; DETR's AdamW lr of 1e-4 moves theta by at
+    # most ~1e-4 per step, so a larger factor lets the curriculum act in short schedules).
+    cfg.MODEL.KD.CTKD.LR_FACTOR = 1.0
 
 
 def ctkd_lambda(iteration: int, lambda_min: float, lambda_max: float, decay_iters: int) -> float:
@@ -142,9 +146,12 @@ class CTKDLoss(PointKDTerm):
         self, *, mode: str = "global", t_start: float = 1.0, t_range: float = 20.0,
         theta_init: float = 1.0, mlp_hidden: int = 64, num_logits: int = 0,
         lambda_min: float = 0.0, lambda_max: float = 1.0, decay_iters: int = 10000,
-        weight: float = 1.0, softmax: bool = True,
+        weight: float = 1.0, softmax: bool = True, lr_factor: float = 1.0,
     ):  # fmt: skip
         super().__init__()
+        if lr_factor <= 0:
+            raise ValueError(f"MODEL.KD.CTKD.LR_FACTOR must be > 0, got {lr_factor}")
+        self.lr_factor = float(lr_factor)
         if mode not in _MODES:
             raise ValueError(f"MODEL.KD.CTKD.MODE must be one of {_MODES}, got {mode!r}")
         if t_start <= 0 or t_range < 0:
@@ -177,7 +184,7 @@ class CTKDLoss(PointKDTerm):
             "theta_init": ctkd.THETA_INIT, "mlp_hidden": ctkd.MLP_HIDDEN,
             "num_logits": num_logits, "lambda_min": ctkd.LAMBDA_MIN,
             "lambda_max": ctkd.LAMBDA_MAX, "decay_iters": ctkd.DECAY_ITERS,
-            "weight": ctkd.WEIGHT, "softmax": softmax,
+            "weight": ctkd.WEIGHT, "softmax": softmax, "lr_factor": ctkd.LR_FACTOR,
         }  # fmt: skip
 
     def temperature(

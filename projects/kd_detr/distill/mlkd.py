@@ -10,8 +10,13 @@ layer) and per temperature tau in TEMPERATURES (the paper's prediction augmentat
   the same three levels are computed on these per-class probabilities).
 * Confidence mask m (N,): the teacher's confidence c_i at tau = 1 is its highest foreground
   probability (softmax: max over the first C softmax entries; sigmoid: max_c sigmoid); points
-  with c_i below the MASK_QUANTILE quantile of the group's N confidences (paper: the median,
-  0.5) are masked out (m_i = 0); MASK_QUANTILE 0 keeps every point. n = sum m.
+  with c_i below the MASK_QUANTILE quantile q of the group's N confidences (paper: the median,
+  0.5) are masked out (m_i = 0); MASK_QUANTILE 0 keeps every point. n = sum m. MASK_KEEP
+  "unconfident" keeps c_i <= q instead: the comparison of the official code (``confidence.le(
+  median)``), which there multiplies the mask onto batch-mean scalars, so which samples it
+  selects has no effect (it scales the loss by the kept fraction, ~0.5); the paper describes
+  masking unreliable (low-confidence) teacher predictions, which "confident" (the default)
+  implements. Checked against the official KD_ours.py.
 * Instance level: sum_i m_i w_i KL_i tau^2 / W, KL_i = KL(P^T_i || P^S_i) (sigmoid: the sum of
   per-class Bernoulli KLs), w the point weights and W the sum of m w over all ranks / world size.
 * Class level (class correlation): G = P^T diag(m) P / n (K x K), loss ||G^T - G^S||_F^2 / K.
@@ -60,14 +65,23 @@ def add_mlkd_config(cfg):
     # Points whose teacher confidence is below this quantile of the group's are masked (MLKD:
     # the median, 0.5); 0 keeps every point.
     cfg.MODEL.KD.MLKD.MASK_QUANTILE = 0.5
+    # Which side of that quantile is kept: "confident" (c >= q; the paper: unreliable teacher
+    # predictions are masked) or "unconfident" (c <= q; the comparison of the official code).
+    cfg.MODEL.KD.MLKD.MASK_KEEP = "confident"
 
 
 def _probs(logits: torch.Tensor, tau: float, softmax: bool) -> torch.Tensor:
     return (logits / tau).softmax(-1) if softmax else (logits / tau).sigmoid()
 
 
-def mlkd_confidence_mask(teacher_logits: torch.Tensor, quantile: float, softmax: bool):
-    """(N,) float mask of the points kept (module doc) from the teacher's (N, K) logits."""
+MASK_KEEP = ("confident", "unconfident")
+
+
+def mlkd_confidence_mask(
+    teacher_logits: torch.Tensor, quantile: float, softmax: bool, keep: str = "confident"
+):
+    """(N,) float mask of the points kept (module doc) from the teacher's (N, K) logits: those
+    at or above (``keep`` "confident") or at or below ("unconfident") the ``quantile``."""
     if softmax:
         confidence = teacher_logits.softmax(-1)[:, :-1].max(-1).values
     else:
@@ -75,7 +89,8 @@ def mlkd_confidence_mask(teacher_logits: torch.Tensor, quantile: float, softmax:
     if quantile <= 0 or confidence.numel() == 0:
         return torch.ones_like(confidence)
     threshold = torch.quantile(confidence, float(quantile))
-    return (confidence >= threshold).to(confidence.dtype)
+    kept = confidence >= threshold if keep == "confident" else confidence <= threshold
+    return kept.to(confidence.dtype)
 
 
 def mlkd_levels(
@@ -130,7 +145,7 @@ class MLKDLoss(PointKDTerm):
     def __init__(
         self, *, temperatures: Sequence[float] = (1.0, 2.0, 3.0, 5.0, 6.0),
         instance_weight: float = 1.0, class_weight: float = 1.0, batch_weight: float = 1.0,
-        mask_quantile: float = 0.5, softmax: bool = True,
+        mask_quantile: float = 0.5, softmax: bool = True, mask_keep: str = "confident",
     ):  # fmt: skip
         super().__init__()
         if not temperatures or min(temperatures) <= 0:
@@ -141,7 +156,11 @@ class MLKDLoss(PointKDTerm):
         self.instance_weight = float(instance_weight)
         self.class_weight = float(class_weight)
         self.batch_weight = float(batch_weight)
+        if mask_keep not in MASK_KEEP:
+            raise ValueError(f"MODEL.KD.MLKD.MASK_KEEP must be one of {MASK_KEEP}, got "
+                             f"{mask_keep!r}")  # fmt: skip
         self.mask_quantile = float(mask_quantile)
+        self.mask_keep = mask_keep
         self.softmax = bool(softmax)
 
     @classmethod
@@ -152,7 +171,7 @@ class MLKDLoss(PointKDTerm):
         return {
             "temperatures": list(mlkd.TEMPERATURES), "instance_weight": mlkd.INSTANCE_WEIGHT,
             "class_weight": mlkd.CLASS_WEIGHT, "batch_weight": mlkd.BATCH_WEIGHT,
-            "mask_quantile": mlkd.MASK_QUANTILE, "softmax": softmax,
+            "mask_quantile": mlkd.MASK_QUANTILE, "softmax": softmax, "mask_keep": mlkd.MASK_KEEP,
         }  # fmt: skip
 
     def pair_losses(
@@ -166,7 +185,7 @@ class MLKDLoss(PointKDTerm):
         if weights is None:
             weights = t_logits.new_ones(t_logits.shape[0])
         weights = weights.detach().float().reshape(-1)
-        mask = mlkd_confidence_mask(t_logits, self.mask_quantile, self.softmax)
+        mask = mlkd_confidence_mask(t_logits, self.mask_quantile, self.softmax, self.mask_keep)
         weights = weights * mask
         norm = (all_reduce_sum(weights.sum()) / comm.get_world_size()).clamp(min=_EPS)
         losses = {}
@@ -185,6 +204,7 @@ class MLKDLoss(PointKDTerm):
     def extra_repr(self):
         return (
             f"temperatures={self.temperatures}, weights=({self.instance_weight}, "
-            f"{self.class_weight}, {self.batch_weight}), mask_quantile={self.mask_quantile}, "
+            f"{self.class_weight}, {self.batch_weight}), mask_quantile={self.mask_quantile} "
+            f"({self.mask_keep}), "
             f"softmax={self.softmax}"
         )

@@ -18,6 +18,9 @@ class KDTerm(nn.Module):
     """
 
     inputs: FrozenSet[str] = frozenset()
+    # Learning-rate factor of the term's own parameters (their optimizer group gets
+    # SOLVER.BASE_LR x lr_factor, no weight decay); a term may set it from its config.
+    lr_factor: float = 1.0
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -199,9 +199,10 @@ class KDTrainer(Trainer):
     """kd_detr's Trainer distilling ``MODEL.KD.TEACHER`` into the model of ``cfg``.
 
     Besides Trainer's parts it builds the teacher (:func:`build_teacher`), the KD terms
-    (``MODEL.KD.LOSSES``; learnable ones get an optimizer group with lr SOLVER.BASE_LR and no
-    weight decay, and are checkpointed as "kd_losses") and the pairing (``MODEL.KD.POINTS``,
-    :func:`~kd_detr.distill.build_pairing`, which checks that both models can be distilled).
+    (``MODEL.KD.LOSSES``; each learnable one gets an optimizer group with lr SOLVER.BASE_LR x
+    its ``lr_factor`` and no weight decay, and they are checkpointed as "kd_losses") and the
+    pairing (``MODEL.KD.POINTS``, :func:`~kd_detr.distill.build_pairing`, which checks that
+    both models can be distilled).
     The inner trainer is :class:`KDSimpleTrainer` (:class:`KDAMPTrainer` with
     SOLVER.AMP.ENABLED), and the KD hooks are inserted after the LR scheduler. ``build_model``
     builds the plain student, so evaluation and ``--eval-only`` use the student alone.
@@ -229,11 +230,11 @@ class KDTrainer(Trainer):
         for term in self.kd_losses:  # terms whose parameters depend on the models' shapes
             term.bind(unwrap(model), self.teacher.model)
         self.kd_losses.to(self.teacher.device)
-        params = [p for p in self.kd_losses.parameters() if p.requires_grad]
-        if params:  # before DefaultTrainer builds the LR scheduler over the groups
-            optimizer.add_param_group(
-                {"params": params, "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0}
-            )
+        for term in self.kd_losses:  # before DefaultTrainer builds the LR scheduler
+            params = [p for p in term.parameters() if p.requires_grad]
+            if params:
+                lr = cfg.SOLVER.BASE_LR * term.lr_factor
+                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
         return (KDAMPTrainer if amp else KDSimpleTrainer)(
             model,

@@ -532,6 +532,8 @@ def _value(cfg, key):
 
 def run_bench(spec, args, arms_file="(arms)"):
     """Check, run and report a bench; returns the result dict (None for --dry-run)."""
+    import kd_detr  # noqa: F401  (first: registers everything, quiets fvcore's import warning)
+
     bench = Bench(spec, args, arms_file)
     bench.print_plan()
     if args.dry_run:

@@ -16,8 +16,10 @@ from detectron2.modeling import build_model
 from kd_detr.data import register_from_config
 from kd_detr.distill import (
     ConsistentPairing,
+    DistillationPointSampler,
     DistributionKDLoss,
     InconsistentPairing,
+    KDContext,
     Teacher,
     align_edge_distributions,
     build_kd_losses,
@@ -242,8 +244,8 @@ class TestDistributionKDFormula(unittest.TestCase):
             DistributionKDLoss(temperature=0.0)
 
 
-def tiny_dfine(*opts):
-    torch.manual_seed(0)
+def tiny_dfine(*opts, seed=0):
+    torch.manual_seed(seed)
     model = build_model(config_from(DFINE_TINY, *opts)).eval()
     perturb_box_heads(list(model.bbox_embed) + [model.enc_bbox_head])
     return model
@@ -283,6 +285,38 @@ class TestDFINEDistributionsAtPoints(unittest.TestCase):
         left = boxes[..., 0] - boxes[..., 2] / 2
         init = layers["initial_boxes"]
         torch.testing.assert_close(left, init[..., 0] - offsets[5] * init[..., 2])
+
+    def test_pairing_carries_distributions_and_gradients_reach_the_student_only(self):
+        """Through the consistent pairing of two different D-FINE models: the pairs carry the
+        distributions only when asked, and the term's gradient reaches the student's
+        distribution heads, never the teacher."""
+        student = tiny_dfine().train()
+        teacher = Teacher(tiny_dfine(seed=1), None)
+        sampler = DistillationPointSampler(num_points=4)
+        pairing = ConsistentPairing(student=student, teacher=teacher, sampler=sampler)
+        x, mask = images()
+        t_groups = pairing.teacher_groups(0)
+        with torch.no_grad():
+            t_out = teacher.model.forward_raw((x, mask), t_groups)
+        s_out = student.forward_raw((x, mask), pairing.student_groups(t_out, t_groups, 2))
+        boxes = torch.tensor([[0.3, 0.4, 0.2, 0.3], [0.6, 0.5, 0.3, 0.2]])
+        targets = [{"labels": torch.tensor([1, 2]), "boxes": boxes}] * 2
+        term = DistributionKDLoss()
+        term.bind(student, teacher.model)
+        context = KDContext(0, [], [], s_out, t_out, False, targets=targets)
+        self.assertNotIn("pred_corners", pairing.pairs(context)[0].teacher)
+        context.inputs = term.inputs
+        context.pairs = pairing.pairs(context)
+        self.assertEqual([p.name for p in context.pairs], ["specific", "general"])
+        for pair in context.pairs:
+            num_points = pair.teacher["pred_corners"].shape[1]
+            self.assertEqual(tuple(pair.student["pred_corners"].shape[:3]), (2, 2, num_points))
+        losses = term(context)
+        self.assertEqual(len(losses), 4)  # 2 groups x 2 layers
+        sum(losses.values()).backward()
+        head = student.bbox_embed[0].layers[-1].weight
+        self.assertGreater(head.grad.abs().sum().item(), 0)
+        self.assertTrue(all(p.grad is None for p in teacher.parameters()))
 
 
 class TestStartUpErrors(unittest.TestCase):

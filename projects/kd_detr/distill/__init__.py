@@ -8,6 +8,13 @@ from .class_mapping import build_class_mapping, map_teacher_logits
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
+from .distribution_kd import (
+    DDF_MATCHING,
+    DistributionKDLoss,
+    add_distribution_kd_config,
+    align_edge_distributions,
+    decoupled_distillation_focal_loss,
+)
 from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
 from .fingerprint import TeacherFingerprint, file_sha256
 from .fitnet import FitNetLoss, add_fitnet_config

@@ -6,7 +6,7 @@ some configured term declared, so a run with KD-DETR's point terms alone compute
 than the points.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -19,8 +19,12 @@ __all__ = ["KD_INPUTS", "KDContext", "PointPair", "encoder_memory"]
 #       final-layer detection outputs to ``targets`` (implies "targets");
 #   "backbone_features": ``outputs["encoder"]["backbone_features"]`` of both models (the models
 #       keep them only when asked);
-#   "encoder_memory": :func:`encoder_memory` of both models (always available, nothing to keep).
-KD_INPUTS = ("points", "targets", "matching", "backbone_features", "encoder_memory")
+#   "encoder_memory": :func:`encoder_memory` of both models (always available, nothing to keep);
+#   "distributions": the paired point groups also carry both models' box distributions
+#       (implies "points"; models with "pred_corners", e.g. D-FINE, see :class:`PointPair`).
+KD_INPUTS = (
+    "points", "targets", "matching", "backbone_features", "encoder_memory", "distributions",
+)  # fmt: skip
 
 
 class PointPair(NamedTuple):
@@ -36,6 +40,14 @@ class PointPair(NamedTuple):
             optional "hidden_states" (B, M, d_t).
         weights (Tensor or None): (B, M) point weights (foreground rebalance), detached; None
             means all ones.
+
+    With the "distributions" input both dicts also hold the box distributions of models that
+    predict them (D-FINE's fine-grained distribution refinement): student "pred_corners"
+    (L, B, M, 4 (R_s + 1)) logits of the (left, top, right, bottom) edge distances of every
+    layer, teacher "pred_corners" (B, M, 4 (R_t + 1)) of its final layer (detached); each with
+    "initial_boxes" (B, M, 4) cxcywh, the boxes the distances are measured from (detached), and
+    "corner_offsets" (R + 1,), the distance each bin stands for from the centre of that box in
+    units of its width (left / right) or height (top / bottom) (the model's ``corner_offsets()``).
     """
 
     name: str
@@ -73,6 +85,8 @@ class KDContext:
             classes and "boxes" (T, 4) normalised cxcywh.
         student_matching, teacher_matching (list[tuple] or None): "matching": per image
             (query indices (n,), target indices (n,)) of each model's final detection layer.
+        inputs (frozenset[str]): every input some term declared (what the pairing adds to the
+            pairs depends on it, e.g. "distributions").
     """
 
     iteration: int
@@ -85,6 +99,7 @@ class KDContext:
     targets: Optional[List[Dict[str, torch.Tensor]]] = None
     student_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
     teacher_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    inputs: FrozenSet[str] = frozenset()
 
     def backbone_features(self, role: str) -> Dict[str, torch.Tensor]:
         """"backbone_features": the backbone output dict of the "student" or the "teacher"."""

@@ -28,6 +28,10 @@ class DistillableDETR(Protocol):
         use_focal (bool): sigmoid (focal) class logits (K = C), else softmax (K = C + 1).
         hidden_dim (int): d, the query feature width.
         criterion: the set criterion; ``criterion.matcher`` matches outputs to ground truth.
+
+    Optional (not part of the protocol): models predicting box distributions (D-FINE) have
+    ``corner_offsets() -> (R + 1,)`` and "pred_corners" / "initial_boxes" in their layer and
+    group outputs; KD terms reading the "distributions" input check for it in ``bind``.
     """
 
     box_query_groups: bool

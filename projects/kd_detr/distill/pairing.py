@@ -13,7 +13,9 @@ A pairing takes part in three moments of the KD step (the trainer only orchestra
 
 ``inputs`` declares what the pairing reads from the context besides the outputs (the
 similar-* baselines need the ground truth); ``box_groups`` whether both models must decode box
-groups (checked at start-up).
+groups (checked at start-up); ``provides`` the optional pair contents it can add when a term
+asks for them (``KD_INPUTS`` entries: "distributions", the models' box distributions, checked
+at start-up by :func:`~kd_detr.distill.step.kd_inputs`).
 """
 from typing import Dict, FrozenSet, List, Optional
 
@@ -55,6 +57,7 @@ class KDPairing:
 
     name = ""
     inputs: FrozenSet[str] = frozenset()
+    provides: FrozenSet[str] = frozenset()
     box_groups: bool = False
 
     def __init__(self, *, student, teacher: Teacher, point_weights: bool = True):
@@ -97,6 +100,7 @@ class ConsistentPairing(KDPairing):
 
     name = "consistent"
     box_groups = True
+    provides = frozenset({"distributions"})
 
     def __init__(
         self,
@@ -147,9 +151,12 @@ class ConsistentPairing(KDPairing):
         if self.sampler is not None:
             names.append("general")
             targets.append(t_out["groups"][0])
+        distributions = "distributions" in context.inputs
         pairs = []
         for name, s_group, t_group in zip(names, s_out["groups"], targets):
-            target, weights = self.teacher.targets(t_group, self.point_weights)
+            target, weights = self.teacher.targets(t_group, self.point_weights, distributions)
+            if distributions:  # the student's "pred_corners" / "initial_boxes" are in s_group
+                s_group = dict(s_group, corner_offsets=self.student.corner_offsets())
             pairs.append(PointPair(name, s_group, target, weights))
         return pairs
 

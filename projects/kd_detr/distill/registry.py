@@ -28,9 +28,11 @@ Binding:
 Declaration:
     ``inputs`` (class attribute): the subset of ``KD_INPUTS`` the term reads from the context:
     "points" (paired point groups), "targets" (ground truth), "matching" (Hungarian matching of
-    each model to the ground truth), "backbone_features", "encoder_memory". The trainer computes
-    or keeps only what some configured term declared, so KD-DETR's step costs what it costs
-    alone; it checks at start-up that both models can provide it.
+    each model to the ground truth), "backbone_features", "encoder_memory", "distributions"
+    (the point pairs also carry both models' box distributions, see below; implies "points").
+    The trainer computes or keeps only what some configured term declared, so KD-DETR's step
+    costs what it costs alone; it checks at start-up that both models can provide it (and that
+    the pairing ``provides`` "distributions").
 
 Call, once per batch:
     ``term(context) -> Dict[str, Tensor]`` with ``context`` a
@@ -48,6 +50,13 @@ Call, once per batch:
         K agrees (C for sigmoid models, C + 1 with background last for softmax models).
     weights (Tensor or None): (B, M) per-point weights (foreground rebalance), detached;
         None means all ones.
+    With "distributions" (models with distribution box heads, e.g. D-FINE, which have a
+        ``corner_offsets()`` method; a term reading them checks it in ``bind``): student
+        "pred_corners" (L, B, M, 4 (R_s + 1)) edge-distribution logits of every layer, teacher
+        "pred_corners" (B, M, 4 (R_t + 1)) of its final layer, detached; both with
+        "initial_boxes" (B, M, 4) cxcywh, the boxes the edge distances are measured from
+        (detached), and "corner_offsets" (R + 1,), the distance of each bin from that box's
+        centre in units of its width / height (see ``PointPair``).
     group (str): the group's name, used in the loss keys.
 
 Returns:

@@ -14,10 +14,25 @@ __all__ = ["build_kd_context", "kd_inputs"]
 
 def kd_inputs(terms: Iterable, pairing: KDPairing) -> FrozenSet[str]:
     """Everything the terms (and, when some term reads "points", the pairing) declared;
-    "matching" implies "targets"."""
+    "matching" implies "targets", "distributions" implies "points".
+
+    Raises:
+        ValueError: a term reads "distributions" and the pairing cannot pair them.
+    """
     needed = set()
     for term in terms:
         needed |= set(getattr(term, "inputs", ()))
+    if "distributions" in needed:
+        needed.add("points")
+        if "distributions" not in pairing.provides:
+            readers = [
+                type(t).__name__ for t in terms if "distributions" in getattr(t, "inputs", ())
+            ]
+            raise ValueError(
+                f"{', '.join(readers)} (MODEL.KD.LOSSES) distils box distributions at paired "
+                f"points, which MODEL.KD.POINTS {pairing.name!r} does not pair: use "
+                "MODEL.KD.POINTS 'consistent'"
+            )
     if "points" in needed:
         needed |= set(pairing.inputs)
     if "matching" in needed:
@@ -59,6 +74,7 @@ def build_kd_context(
         student_outputs=student_outputs,
         teacher_outputs=teacher_outputs,
         teacher_softmax=teacher.softmax,
+        inputs=inputs,
     )
     if "targets" in inputs:
         context.targets = student.prepare_targets(batched_inputs, sizes)

@@ -125,19 +125,28 @@ class Teacher:
         return map_teacher_logits(logits, self.class_index, self.softmax, self.temperature)
 
     def targets(
-        self, group_outputs: Dict, point_weights: bool = True
+        self, group_outputs: Dict, point_weights: bool = True, distributions: bool = False
     ) -> Tuple[Dict[str, torch.Tensor], Optional[torch.Tensor]]:
         """KD targets of one point group: the teacher's final layer, detached, in the student's
         class space, and the foreground weights of the points.
 
         Args:
-            group_outputs (dict): "pred_logits" (L, B, M, K_t), "pred_boxes" (L, B, M, 4).
+            group_outputs (dict): "pred_logits" (L, B, M, K_t), "pred_boxes" (L, B, M, 4); with
+                ``distributions`` also "pred_corners" (L, B, M, 4 (R + 1)) and "initial_boxes"
+                (B, M, 4).
             point_weights (bool): compute the weights (else None).
+            distributions (bool): add the box distributions ("distributions" KD input): the
+                final layer's "pred_corners" (B, M, 4 (R + 1)), "initial_boxes" (B, M, 4) and
+                the model's "corner_offsets" (R + 1,), detached.
 
         Returns:
             tuple: ({"pred_logits" (B, M, K_s), "pred_boxes" (B, M, 4), ...}, weights (B, M)).
         """
         final = final_layer_targets(group_outputs)
+        if distributions:
+            final["pred_corners"] = group_outputs["pred_corners"][-1].detach()
+            final["initial_boxes"] = group_outputs["initial_boxes"].detach()
+            final["corner_offsets"] = self.model.corner_offsets().detach()
         weights = None
         if point_weights:
             weights = foreground_weights(final["pred_logits"], self.softmax, self.class_index)

@@ -38,7 +38,9 @@ class DFINE(RTDETR):
       over the layers; layer l's boxes are the coarse layer-0 box (``pre_bbox_head``) moved by
       their expected distances (FDR). "layers" also hold "pred_corners" (L, B, N, 4 (bins + 1)),
       and the outputs "initial_boxes" / "pre_boxes" (B, N, 4) and "pre_logits" (B, N, C) (layer 0's
-      class head before the LQE, with the coarse boxes).
+      class head before the LQE, with the coarse boxes); so do the extra query groups, and
+      :meth:`corner_offsets` says what the bins mean (distribution distillation from a teacher,
+      ``DistributionKDLoss``).
     * Logits are the class head's plus the LQE score of the layer's distributions.
     * With equal encoder and decoder widths the decoder input projections are identities.
     * Losses: RT-DETR's on every layer, the coarse boxes ("_pre"), the selected encoder tokens
@@ -136,6 +138,15 @@ class DFINE(RTDETR):
             lqe_hidden_dim=f.LQE_HIDDEN_DIM,
             lqe_layers=f.LQE_LAYERS,
         )
+
+    def corner_offsets(self) -> torch.Tensor:
+        """(num_bins + 1,) what each bin of "pred_corners" means: the distance from the centre of
+        the query's "initial_boxes" to the edge, in units of that box's width (left / right
+        edges) or height (top / bottom), ``0.5 + W(n) / |reg_scale|`` (see
+        :func:`~kd_detr.modeling.transformer.dfine_decoder.distance2bbox`). Models predicting
+        box distributions expose this for distribution distillation (``DistributionKDLoss``)."""
+        dec = self.transformer
+        return 0.5 + dec.project() / dec.reg_scale.abs()
 
     def predict(self, decoded: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Per-layer logits ``class_embed[l](h_l)`` plus the LQE score of the layer's

@@ -24,8 +24,8 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(
             CONFIG_EXTENSION_REGISTRY.names(),
             [
-                "modeling", "distill", "distill_ctkd", "distill_dkd", "distill_fitnet",
-                "distill_mlkd", "ov", "engine",
+                "modeling", "distill", "distill_ctkd", "distill_dkd", "distill_fgd",
+                "distill_fitnet", "distill_kdep", "distill_mgd", "distill_mlkd", "ov", "engine",
             ],  # fmt: skip
         )
         self.assertEqual(set(EVALUATOR_REGISTRY.names()), {"coco", "coco_ovd", "lvis"})
@@ -34,7 +34,8 @@ class TestRegistrations(unittest.TestCase):
         )
         self.assertEqual(set(TRAIN_MAPPER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
-        for term in ("KDDETRLoss", "DKDLoss", "FitNetLoss", "CTKDLoss", "MLKDLoss"):
+        for term in ("KDDETRLoss", "DKDLoss", "FitNetLoss", "CTKDLoss", "MLKDLoss", "FGDLoss",
+                     "MGDLoss", "KDEPLoss"):  # fmt: skip
             self.assertIn(term, KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 4)
         for arch in ("DETR", "DABDETR", "DeformableDETR", "DINO", "RTDETR", "DFINE", "ViLDRCNN"):

@@ -8,7 +8,6 @@ import unittest
 
 import numpy as np
 import torch
-from torch import nn
 
 from kd_detr.distill import FGDLoss, fgd_box_masks
 
@@ -57,8 +56,9 @@ def context_reference(block, fmap):
     """R(F) of one image's map (C, H, W) with explicit sums over the block's float64 weights."""
     w = {k: v.detach().double().numpy() for k, v in block.state_dict().items()}
     c, h, wd = fmap.shape
-    logits = np.array([[sum(w["attention.weight"][0, k, 0, 0] * fmap[k, i, j] for k in range(c))
-                        + w["attention.bias"][0] for j in range(wd)] for i in range(h)])  # fmt: skip
+    wk, bk = w["attention.weight"][0, :, 0, 0], w["attention.bias"][0]
+    logits = np.array([[sum(wk[k] * fmap[k, i, j] for k in range(c)) + bk for j in range(wd)]
+                       for i in range(h)])  # fmt: skip
     weights = softmax(logits.ravel()).reshape(h, wd)
     context = np.array([(weights * fmap[k]).sum() for k in range(c)])
     hidden = w["transform.0.weight"][:, :, 0, 0] @ context + w["transform.0.bias"]

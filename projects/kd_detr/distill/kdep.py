@@ -78,9 +78,10 @@ def kdep_targets(
 ) -> torch.Tensor:
     """KDEP's targets of teacher rows (N, C_t): PTS of the top-k SVD coordinates, (N, k) float32
     (steps 1 to 4 of the module docstring)."""
-    mean, basis = svd_basis(teacher_rows, k)
-    projected = (teacher_rows.double() - mean) @ basis
-    scaled = torch.sign(projected) * (projected.abs() / temperature) ** (1.0 / power)
+    with torch.autocast(device_type=teacher_rows.device.type, enabled=False):  # float64 kept
+        mean, basis = svd_basis(teacher_rows, k)
+        projected = (teacher_rows.double() - mean) @ basis
+        scaled = torch.sign(projected) * (projected.abs() / temperature) ** (1.0 / power)
     return scaled.float()
 
 

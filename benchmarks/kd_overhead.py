@@ -24,9 +24,13 @@ Printed on their own lines:
 
 ``--group-checkpoint`` turns on ``MODEL.DETR.GROUP_CHECKPOINT`` for the student: the point
 groups' decoder activations are recomputed in the backward pass instead of kept.
+``--losses NAME [NAME ...]`` sets ``MODEL.KD.LOSSES`` of the KD configurations (default: the
+recipe's, KD-DETR's point terms), e.g. ``--losses KDDETRLoss FGDLoss``; the terms are bound to
+both models and their parameters (adapters, generation blocks) optimised, as in the KD trainer.
+A term's own keys keep their defaults (FGD / MGD / KDEP distil "res5").
 
 Usage: python benchmarks/kd_overhead.py [--steps 5] [--warmup 2] [--threads N] [--size 512]
-           [--group-checkpoint]
+           [--group-checkpoint] [--losses NAME [NAME ...]]
 """
 import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
 
@@ -57,7 +61,9 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_cfg(teacher_weights, group_decoding, num_points=300, group_checkpoint=False):
+def build_cfg(
+    teacher_weights, group_decoding, num_points=300, group_checkpoint=False, losses=None
+):
     from kd_detr.config import load_config
 
     no_pretrained = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
@@ -74,6 +80,8 @@ def build_cfg(teacher_weights, group_decoding, num_points=300, group_checkpoint=
         ]
     )  # fmt: skip
     cfg.MODEL.KD.TEACHER.OPTS = no_pretrained + ["MODEL.DETR.GROUP_DECODING", group_decoding]
+    if losses:
+        cfg.MODEL.KD.LOSSES = list(losses)
     return cfg
 
 
@@ -115,6 +123,21 @@ def save_teacher(path):
     )
 
 
+def bound_kd_losses(cfg, student, teacher, optimizer):
+    """The KD terms of ``cfg`` bound to both models, their parameters in an optimizer group (lr
+    SOLVER.BASE_LR, no weight decay), as KDTrainer does."""
+    from kd_detr.distill import build_kd_losses
+
+    kd_losses = build_kd_losses(cfg)
+    for term in kd_losses:
+        term.bind(student, teacher.model)
+    kd_losses.to(teacher.device)
+    params = [p for p in kd_losses.parameters() if p.requires_grad]
+    if params:
+        optimizer.add_param_group({"params": params, "lr": cfg.SOLVER.BASE_LR, "weight_decay": 0.0})
+    return kd_losses
+
+
 def timed(fn, steps, warmup):
     for _ in range(warmup):
         fn()
@@ -135,7 +158,7 @@ def worker(name, args):
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
-    from kd_detr.distill import build_kd_losses, build_pairing
+    from kd_detr.distill import build_pairing
     from kd_detr.distill.points import DistillationPointSampler, specific_points
     from kd_detr.distill.teacher import build_teacher
     from kd_detr.engine.kd_trainer import KDSimpleTrainer
@@ -143,7 +166,9 @@ def worker(name, args):
 
     extra = {}
     decoding = "separate" if name == "kd_separate" else "masked"
-    cfg = build_cfg(args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint)
+    cfg = build_cfg(
+        args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint, losses=args.losses
+    )
     data = batch(args.size)
     torch.manual_seed(0)
     student = build_model(cfg)
@@ -155,12 +180,13 @@ def worker(name, args):
         trainer = SimpleTrainer(student, loader, optimizer)
     elif name in ("kd_masked", "kd_separate"):
         teacher = build_teacher(cfg)
+        kd_losses = bound_kd_losses(cfg, student, teacher, optimizer)
         trainer = KDSimpleTrainer(
             student,
             loader,
             optimizer,
             teacher=teacher,
-            kd_losses=build_kd_losses(cfg),
+            kd_losses=kd_losses,
             pairing=build_pairing(cfg, student=student, teacher=teacher),
         )
     if name in ("student", "kd_masked", "kd_separate"):
@@ -232,6 +258,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--group-checkpoint", action="store_true", help="MODEL.DETR.GROUP_CHECKPOINT True"
     )
+    parser.add_argument(
+        "--losses", nargs="+", metavar="NAME", default=None,
+        help="MODEL.KD.LOSSES of the KD configurations (default: the recipe's)",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-weights", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -252,6 +282,7 @@ def main(argv=None):
                    "--warmup", str(args.warmup), "--threads", str(args.threads),
                    "--size", str(args.size)]  # fmt: skip
             cmd += ["--group-checkpoint"] if args.group_checkpoint else []
+            cmd += ["--losses", *args.losses] if args.losses else []
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
@@ -270,6 +301,7 @@ def main(argv=None):
     bound = student + results["teacher_points"]["median_s"] + results["student_points"]["median_s"]
     summary = {
         "kd_mode": kd_name,
+        "kd_losses": args.losses or "recipe",
         "time_ratio": kd / student,
         "bound_ratio": bound / student,
         "memory_ratio": results[kd_name]["peak_rss_growth_mib"]
@@ -283,6 +315,7 @@ def main(argv=None):
     summary["memory_ratio_without_teacher_weights"] = (
         results[kd_name]["peak_rss_growth_mib"] - teacher_mib
     ) / results["student"]["peak_rss_growth_mib"]
+    print(f"KD losses: {summary['kd_losses']}")
     print(f"faster KD mode: {kd_name} (separate / masked = {summary['separate_over_masked']:.2f})")
     print(f"time_ratio={summary['time_ratio']:.3f}")
     print(f"bound_ratio={summary['bound_ratio']:.3f}")

@@ -16,9 +16,12 @@ from .distribution_kd import (
     decoupled_distillation_focal_loss,
 )
 from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
+from .feature_maps import FeaturePair, backbone_feature_pairs, resize_to
+from .fgd import FGDLoss, GlobalContextBlock, add_fgd_config, fgd_attention, fgd_box_masks
 from .fingerprint import TeacherFingerprint, file_sha256
 from .fitnet import FitNetLoss, add_fitnet_config
 from .interface import DistillableDETR, check_distillable, missing_members
+from .kdep import KDEPLoss, add_kdep_config, kdep_targets, svd_basis
 from .losses import (
     KD_MODES,
     KDDETRLoss,
@@ -28,6 +31,7 @@ from .losses import (
     sigmoid_kl,
     softmax_kl,
 )
+from .mgd import MGDLoss, add_mgd_config, generation_block
 from .mlkd import MLKDLoss, add_mlkd_config, mlkd_confidence_mask, mlkd_levels
 from .pairing import (
     KD_PAIRING_REGISTRY,

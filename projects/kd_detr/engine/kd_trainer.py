@@ -84,6 +84,13 @@ class KDStepMixin:
         self.kd_losses = kd_losses
         self.pairing = pairing
         self.kd_inputs: FrozenSet[str] = kd_inputs(kd_losses, pairing)
+        extra = self.kd_inputs - {"points"}
+        if getattr(pairing, "runs_models", False) and extra:
+            names = [type(t).__name__ for t in kd_losses if set(getattr(t, "inputs", ())) - {"points"}]
+            raise ValueError(
+                f"MODEL.KD.POINTS {pairing.name!r} provides distillation points only, but the KD "
+                f"terms {names} also read {sorted(extra)}: use point terms (e.g. KDDETRLoss)"
+            )
         keep = "backbone_features" in self.kd_inputs
         self.student.keep_backbone_features = keep
         self.teacher.model.keep_backbone_features = keep
@@ -140,6 +147,9 @@ class KDStepMixin:
 
         Runs under the caller's autocast state; the teacher inherits it.
         """
+        if getattr(self.pairing, "runs_models", False):  # e.g. "boxes": any teacher / student
+            loss_dict, context = self.pairing.run(self.model, data, self.iter)
+            return self._add_kd_losses(loss_dict, context)
         points = "points" in self.kd_inputs
         t_groups = self.pairing.teacher_groups(self.iter) if points else []
         t_out = self.teacher(data, t_groups)
@@ -151,6 +161,10 @@ class KDStepMixin:
         )  # fmt: skip
         if points:
             context.pairs = self.pairing.pairs(context)
+        return self._add_kd_losses(loss_dict, context)
+
+    def _add_kd_losses(self, loss_dict: Dict, context) -> Dict[str, torch.Tensor]:
+        """The detection losses plus every KD term of ``context``, times ``kd_weight``."""
         kd = {}
         for term in self.kd_losses:
             terms = term(context)

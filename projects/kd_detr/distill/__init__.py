@@ -59,4 +59,6 @@ from .teacher import (
 )
 from .term import KDTerm, PointKDTerm
 from .weights import foreground_weights, sigmoid_foreground_weights, softmax_foreground_weights
-from .box_pairing import BoxEvaluationPairing, add_box_kd_config  # noqa: E402  (isort: skip; after .config)
+
+# After .config: MODEL.KD.BOXES extends MODEL.KD.
+from .box_pairing import BoxEvaluationPairing, add_box_kd_config  # noqa: E402  (isort: skip)

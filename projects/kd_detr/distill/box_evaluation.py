@@ -104,7 +104,9 @@ class BoxEvaluator(Protocol):
 
 def _as_batch(boxes: torch.Tensor, batch_size: int) -> torch.Tensor:
     if boxes.dim() != 3 or boxes.shape[-1] != 4 or boxes.shape[0] not in (1, batch_size):
-        raise ValueError(f"box groups must be (B={batch_size} or 1, M, 4), got {tuple(boxes.shape)}")
+        raise ValueError(
+            f"box groups must be (B={batch_size} or 1, M, 4), got {tuple(boxes.shape)}"
+        )
     return boxes.expand(batch_size, -1, -1)
 
 

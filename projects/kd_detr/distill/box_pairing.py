@@ -217,7 +217,9 @@ class BoxEvaluationPairing(KDPairing):
             )  # fmt: skip
             device = s_group["pred_logits"].device
             target = {k: v.to(device) for k, v in target.items()}
-            pairs.append(PointPair(name, s_group, target, None if weights is None else weights.to(device)))
+            if weights is not None:
+                weights = weights.to(device)
+            pairs.append(PointPair(name, s_group, target, weights))
         return pairs
 
     def pairs(self, context: KDContext) -> List[PointPair]:

@@ -112,7 +112,7 @@ class TestPairingRegistry(unittest.TestCase):
     def test_names_and_unknown_points(self):
         self.assertEqual(
             KD_PAIRING_REGISTRY.names(),
-            ["consistent", "inconsistent", "similar_foreground", "similar_general"],
+            ["consistent", "inconsistent", "similar_foreground", "similar_general", "boxes"],
         )
         with tempfile.TemporaryDirectory() as tmp:
             weights = save_teacher(tmp)

@@ -11,7 +11,7 @@ import kd_detr
 from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, HF_CONVERTERS
 from kd_detr.config import CONFIG_EXTENSION_REGISTRY, load_config
 from kd_detr.data import DATASET_SOURCE_REGISTRY, TRAIN_MAPPER_REGISTRY, build_train_mapper
-from kd_detr.distill import KD_LOSS_REGISTRY, KD_PAIRING_REGISTRY
+from kd_detr.distill import BOX_EVALUATOR_REGISTRY, KD_LOSS_REGISTRY, KD_PAIRING_REGISTRY
 from kd_detr.evaluation import EVALUATOR_REGISTRY, build_evaluator
 from kd_detr.modeling import CLASS_HEAD_REGISTRY
 from kd_detr.utils import NamedRegistry, cache_root
@@ -26,7 +26,7 @@ class TestRegistrations(unittest.TestCase):
             [
                 "modeling", "distill", "distill_ctkd", "distill_ddf", "distill_dkd",
                 "distill_fgd", "distill_fitnet", "distill_kdep", "distill_mgd", "distill_mlkd",
-                "ov", "engine",
+                "distill_boxes", "ov", "engine",
             ],  # fmt: skip
         )
         self.assertEqual(set(EVALUATOR_REGISTRY.names()), {"coco", "coco_ovd", "lvis"})
@@ -39,7 +39,9 @@ class TestRegistrations(unittest.TestCase):
                  "MGDLoss", "KDEPLoss", "DistributionKDLoss")  # fmt: skip
         for term in terms:
             self.assertIn(term, KD_LOSS_REGISTRY)
-        self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 4)
+        self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 5)
+        self.assertIn("boxes", KD_PAIRING_REGISTRY)
+        self.assertEqual(set(BOX_EVALUATOR_REGISTRY.names()), {"DETR", "GeneralizedRCNN"})
         for arch in ("DETR", "DABDETR", "DeformableDETR", "DINO", "RTDETR", "DFINE", "ViLDRCNN"):
             self.assertIn(arch, META_ARCH_REGISTRY)
         self.assertIn("ViLDROIHeads", ROI_HEADS_REGISTRY)

@@ -1,10 +1,26 @@
 # Copyright (c) kd_detr contributors.
 """The distillation layer's building blocks: the distillable-model interface, KD loss terms
 (``KD_LOSS_REGISTRY``) and their context, pairings (``KD_PAIRING_REGISTRY``), distillation
-points, foreground weights, class mapping and the frozen teacher. Importing registers the KD
+points, foreground weights, class mapping, the frozen teacher and box evaluation
+(``BOX_EVALUATOR_REGISTRY``, any teacher / any student). Importing registers the KD
 config keys, terms and pairings."""
 from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_general_pairs
-from .class_mapping import build_class_mapping, map_teacher_logits
+from .box_evaluation import (
+    BOX_EVALUATOR_REGISTRY,
+    BoxEvaluator,
+    DETRBoxEvaluator,
+    RCNNBoxEvaluator,
+    build_box_evaluator,
+    fixed_count_boxes,
+)
+from .class_mapping import (
+    BACKGROUND_RULES,
+    build_class_mapping,
+    convert_class_logits,
+    map_teacher_logits,
+    sigmoid_to_softmax_logits,
+    softmax_to_sigmoid_logits,
+)
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
@@ -54,3 +70,6 @@ from .teacher import (
 )
 from .term import KDTerm, PointKDTerm
 from .weights import foreground_weights, sigmoid_foreground_weights, softmax_foreground_weights
+
+# After .config: MODEL.KD.BOXES extends MODEL.KD.
+from .box_pairing import BoxEvaluationPairing, add_box_kd_config  # noqa: E402  (isort: skip)

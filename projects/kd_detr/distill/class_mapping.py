@@ -1,6 +1,8 @@
 # Copyright (c) kd_detr contributors.
 """Teacher -> student class correspondence for KD between models with different class lists
-(e.g. a COCO teacher for a student trained on a subset of COCO's classes).
+(e.g. a COCO teacher for a student trained on a subset of COCO's classes), and the conversion
+between classifier types (sigmoid / focal C logits vs softmax C + 1 logits with background last)
+for distillation across architectures (DETR <-> Faster R-CNN).
 
 Teacher and student must have identical class lists, or ``MODEL.KD.CLASS_MAPPING`` maps them by
 name; anything else raises a ValueError that names the unmatched classes and the fix.
@@ -9,8 +11,16 @@ import difflib
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["build_class_mapping", "map_teacher_logits"]
+__all__ = [
+    "BACKGROUND_RULES",
+    "build_class_mapping",
+    "convert_class_logits",
+    "map_teacher_logits",
+    "sigmoid_to_softmax_logits",
+    "softmax_to_sigmoid_logits",
+]
 
 _KEY = "MODEL.KD.CLASS_MAPPING"
 
@@ -165,3 +175,80 @@ def map_teacher_logits(
     rest[idx] = False  # unmapped classes and the background (never in index)
     background = temperature * torch.logsumexp(logits[..., rest] / temperature, -1, keepdim=True)
     return torch.cat([mapped, background], dim=-1)
+
+
+BACKGROUND_RULES = ("product", "max")
+_LOG_EPS = 1e-12
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler's rule)."""
+    x = x.clamp(max=-_LOG_EPS)
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-x.exp()))
+
+
+def sigmoid_to_softmax_logits(logits: torch.Tensor, background: str = "product") -> torch.Tensor:
+    """Sigmoid (focal) class logits -> log-probabilities of a softmax classifier with background.
+
+    With p_c = sigmoid(z_c) for the C classes and a background probability b (``"product"``:
+    b = prod_c (1 - p_c), the probability that no class fires if the C binary decisions are
+    independent; ``"max"``: b = 1 - max_c p_c), the softmax target is
+    q = [p_1, ..., p_C, b] / (sum_c p_c + b), returned as log q, so ``softmax(log q) = q``.
+
+    Args:
+        logits (Tensor): (..., C) sigmoid logits.
+        background (str): one of :data:`BACKGROUND_RULES`.
+
+    Returns:
+        Tensor: (..., C + 1) logits, background last, float32 or wider.
+    """
+    if background not in BACKGROUND_RULES:
+        raise ValueError(
+            f"unknown background rule {background!r}; expected one of {BACKGROUND_RULES} "
+            "(MODEL.KD.BOXES.BACKGROUND)"
+        )
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    log_p = F.logsigmoid(z)
+    if background == "product":
+        log_b = F.logsigmoid(-z).sum(-1, keepdim=True)
+    else:
+        log_b = F.logsigmoid(-z.amax(-1, keepdim=True))
+    joint = torch.cat([log_p, log_b], dim=-1)
+    return joint - torch.logsumexp(joint, dim=-1, keepdim=True)
+
+
+def softmax_to_sigmoid_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax class logits with background (last) -> per-class sigmoid logits.
+
+    Each class keeps its softmax probability p_c = softmax(z)_c (background included in the
+    normalisation) as an independent binary probability: the result is logit(p_c) =
+    log p_c - log(1 - p_c), so ``sigmoid(result) = p_c``.
+
+    Args:
+        logits (Tensor): (..., C + 1) softmax logits, background last.
+
+    Returns:
+        Tensor: (..., C) sigmoid logits, float32 or wider.
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    log_p = F.log_softmax(z, dim=-1)[..., :-1]
+    return log_p - _log1mexp(log_p)
+
+
+def convert_class_logits(
+    logits: torch.Tensor, teacher_softmax: bool, student_softmax: bool, background: str = "product"
+) -> torch.Tensor:
+    """Teacher logits (already in the student's classes) in the student's classifier type:
+    unchanged when both agree, else :func:`sigmoid_to_softmax_logits` or
+    :func:`softmax_to_sigmoid_logits`.
+
+    Args:
+        logits (Tensor): (..., C) sigmoid or (..., C + 1) softmax teacher logits.
+        teacher_softmax, student_softmax (bool): each model's classifier type.
+        background (str): the sigmoid -> softmax background rule.
+    """
+    if teacher_softmax == student_softmax:
+        return logits
+    if student_softmax:
+        return sigmoid_to_softmax_logits(logits, background)
+    return softmax_to_sigmoid_logits(logits)

@@ -75,8 +75,9 @@ class Teacher:
 
     @property
     def softmax(self) -> bool:
-        """True for softmax classifiers (C + 1 logits, background last), False for sigmoid."""
-        return not self.model.use_focal
+        """True for softmax classifiers (C + 1 logits, background last), False for sigmoid.
+        Models without ``use_focal`` (Detectron2's R-CNNs) are softmax classifiers."""
+        return not getattr(self.model, "use_focal", False)
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.model.parameters()
@@ -310,7 +311,8 @@ def build_teacher(cfg) -> Teacher:
             f"{config_file!r} + MODEL.KD.TEACHER.OPTS {list(kd.TEACHER.OPTS)}): {e}"
         ) from e
     student_focal = cfg.MODEL.DETR.USE_FOCAL_LOSS
-    if getattr(model, "use_focal", None) != student_focal:
+    # MODEL.KD.POINTS "boxes" converts between classifier types (box_pairing.py).
+    if kd.POINTS != "boxes" and getattr(model, "use_focal", None) != student_focal:
         kind = {True: "sigmoid (focal)", False: "softmax"}
         raise ValueError(
             f"The teacher ({config_file!r}) has a {kind.get(model.use_focal, 'unknown')} "

@@ -41,7 +41,14 @@ from ..distill import (
 from .kd_hooks import DistillationPointsHook, KDWeightSchedule, TeacherSanityHook
 from .trainer import Trainer
 
-__all__ = ["KDAMPTrainer", "KDSimpleTrainer", "KDStepMixin", "KDTrainer", "unwrap"]
+__all__ = [
+    "KDAMPTrainer",
+    "KDSimpleTrainer",
+    "KDStepMixin",
+    "KDTrainer",
+    "check_terms_fit_pairing",
+    "unwrap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +56,22 @@ logger = logging.getLogger(__name__)
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel (the model itself otherwise)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def check_terms_fit_pairing(kd_losses, pairing: KDPairing) -> None:
+    """A pairing that runs the models itself (``runs_models``, e.g. "boxes") provides the
+    distillation points only: stop when a KD term reads anything else (targets, matching,
+    features), naming the terms."""
+    if not getattr(pairing, "runs_models", False):
+        return
+    names = [t for t in kd_losses if set(getattr(t, "inputs", ())) - {"points"}]
+    if names:
+        extra = sorted(set().union(*(set(t.inputs) for t in names)) - {"points"})
+        raise ValueError(
+            f"MODEL.KD.POINTS {pairing.name!r} provides distillation points only, but the KD "
+            f"terms {[type(t).__name__ for t in names]} also read {extra}: use point terms "
+            "(e.g. KDDETRLoss, DKDLoss)"
+        )
 
 
 class KDStepMixin:
@@ -84,6 +107,7 @@ class KDStepMixin:
         self.kd_losses = kd_losses
         self.pairing = pairing
         self.kd_inputs: FrozenSet[str] = kd_inputs(kd_losses, pairing)
+        check_terms_fit_pairing(kd_losses, pairing)
         keep = "backbone_features" in self.kd_inputs
         self.student.keep_backbone_features = keep
         self.teacher.model.keep_backbone_features = keep
@@ -140,6 +164,9 @@ class KDStepMixin:
 
         Runs under the caller's autocast state; the teacher inherits it.
         """
+        if getattr(self.pairing, "runs_models", False):  # e.g. "boxes": any teacher / student
+            loss_dict, context = self.pairing.run(self.model, data, self.iter)
+            return self._add_kd_losses(loss_dict, context)
         points = "points" in self.kd_inputs
         t_groups = self.pairing.teacher_groups(self.iter) if points else []
         t_out = self.teacher(data, t_groups)
@@ -151,6 +178,10 @@ class KDStepMixin:
         )  # fmt: skip
         if points:
             context.pairs = self.pairing.pairs(context)
+        return self._add_kd_losses(loss_dict, context)
+
+    def _add_kd_losses(self, loss_dict: Dict, context) -> Dict[str, torch.Tensor]:
+        """The detection losses plus every KD term of ``context``, times ``kd_weight``."""
         kd = {}
         for term in self.kd_losses:
             terms = term(context)
@@ -227,6 +258,8 @@ class KDTrainer(Trainer):
         )
 
     def _build_inner_trainer(self, cfg, model, data_loader, optimizer, amp: bool, **kwargs):
+        self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
+        check_terms_fit_pairing(self.kd_losses, self.pairing)
         for term in self.kd_losses:  # terms whose parameters depend on the models' shapes
             term.bind(unwrap(model), self.teacher.model)
         self.kd_losses.to(self.teacher.device)
@@ -235,7 +268,6 @@ class KDTrainer(Trainer):
             if params:
                 lr = cfg.SOLVER.BASE_LR * term.lr_factor
                 optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
-        self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
         return (KDAMPTrainer if amp else KDSimpleTrainer)(
             model,
             data_loader,

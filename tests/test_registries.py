@@ -24,7 +24,7 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(
             CONFIG_EXTENSION_REGISTRY.names(),
             [
-                "modeling", "distill", "distill_ctkd", "distill_ddf", "distill_dkd",
+                "modeling", "distill", "distill_ctkd", "distill_ddf", "distill_dkd", "distill_ema",
                 "distill_fgd", "distill_fitnet", "distill_kdep", "distill_mgd", "distill_mlkd",
                 "distill_boxes", "ov", "engine",
             ],  # fmt: skip

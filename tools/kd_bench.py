@@ -16,7 +16,9 @@
 3. Every arm is trained and evaluated for every seed by a ``train_net.py`` subprocess in
    ``OUTPUT/<arm>_seed<seed>`` (Detectron2's log.txt, metrics.json, metrics_final.json), all arms
    with the same iterations and schedule. KD arms (``MODEL.KD.ENABLED``) get the teacher's
-   config, overrides and weights (``MODEL.KD.TEACHER.*``).
+   config, overrides and weights (``MODEL.KD.TEACHER.*``), except EMA self-distillation arms
+   (``MODEL.KD.TEACHER.EMA.ENABLED``), whose teacher is the student's own average: a bench of
+   such arms trains no teacher.
 4. Resumable: a run whose ``bench_run.json`` matches its resolved config hash is skipped, so an
    interrupted bench continues where it stopped and a changed arm reruns.
 5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
@@ -137,6 +139,12 @@ def parse_with_overrides(parser, argv=None):
 
 def _pick(*values):
     return next((v for v in values if v is not None), None)
+
+
+def _needs_teacher(cfg) -> bool:
+    """A KD arm with an external teacher; an EMA self-distillation arm
+    (``MODEL.KD.TEACHER.EMA.ENABLED``) builds its teacher from the student and gets none."""
+    return bool(cfg.MODEL.KD.ENABLED and not cfg.MODEL.KD.TEACHER.EMA.ENABLED)
 
 
 class Bench:
@@ -276,7 +284,7 @@ class Bench:
             base = list(arm.opts) + opts + schedule
             cfg = self._resolve(f"arm {arm.name!r}", arm.config,
                                 base + self.data_opts(f"arm {arm.name!r}", arm.config, base))
-            if cfg.MODEL.KD.ENABLED:
+            if _needs_teacher(cfg):
                 kd_arms.append(arm)
         if kd_arms:
             self._plan_teacher(kd_arms[0])
@@ -321,7 +329,7 @@ class Bench:
         cfg = self._resolve(what, arm.config, run_opts)
         self._check_classes(what, cfg)
         teacher_key = None
-        if cfg.MODEL.KD.ENABLED:
+        if _needs_teacher(cfg):
             t_opts = list(cfg.MODEL.KD.TEACHER.OPTS) + self.teacher_opts + self.teacher_data_opts
             run_opts += [
                 "MODEL.KD.TEACHER.CONFIG_FILE", self.teacher_config,
@@ -334,7 +342,7 @@ class Bench:
             teacher_key = self.teacher["key"]
         return {
             "arm": arm.name, "title": arm.title, "seed": seed, "config": arm.config,
-            "opts": run_opts, "kd": bool(cfg.MODEL.KD.ENABLED),
+            "opts": run_opts, "kd": _needs_teacher(cfg),  # uses the bench's teacher
             "hash": config_hash(cfg, teacher_key),
             "out_dir": os.path.join(self.output, f"{arm.name}_seed{seed}"),
             "classes": self._classes_of(cfg),

@@ -32,6 +32,7 @@ from .distribution_kd import (
     decoupled_distillation_focal_loss,
 )
 from .dkd import DKDLoss, add_dkd_config, dkd_point_losses
+from .ema import EMATeacher, add_ema_config, check_ema_config, ema_enabled, ema_update_
 from .feature_maps import FeaturePair, backbone_feature_pairs, resize_to
 from .fgd import FGDLoss, GlobalContextBlock, add_fgd_config, fgd_attention, fgd_box_masks
 from .fingerprint import TeacherFingerprint, file_sha256

@@ -88,6 +88,11 @@ class Teacher:
         self.model.requires_grad_(False)
         return self
 
+    def active(self, iteration: int) -> bool:
+        """Whether the KD losses are applied at ``iteration`` (always for a frozen teacher; see
+        :class:`~kd_detr.distill.ema.EMATeacher`)."""
+        return True
+
     def is_frozen(self) -> bool:
         return not self.model.training and not any(p.requires_grad for p in self.parameters())
 

@@ -1,5 +1,6 @@
 # Copyright (c) kd_detr contributors.
-"""Hooks around the KD training step: teacher sanity, KD loss-weight schedule, point sampler state.
+"""Hooks around the KD training step: teacher sanity, KD loss-weight schedule, point sampler state,
+the EMA teacher's update.
 
 They expect a trainer with ``optimizer``, ``model``, ``iter``, ``storage`` and a settable
 ``kd_weight`` (:class:`~kd_detr.engine.kd_trainer.KDTrainer` or its inner trainer).
@@ -7,11 +8,13 @@ They expect a trainer with ``optimizer``, ``model``, ``iter``, ``storage`` and a
 import logging
 from typing import Dict, Optional
 
+from torch.nn.parallel import DistributedDataParallel
+
 from detectron2.engine import HookBase
 
-from ..distill import KDPairing, Teacher
+from ..distill import EMATeacher, KDPairing, Teacher
 
-__all__ = ["DistillationPointsHook", "KDWeightSchedule", "TeacherSanityHook"]
+__all__ = ["DistillationPointsHook", "EMAUpdateHook", "KDWeightSchedule", "TeacherSanityHook"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +126,26 @@ class DistillationPointsHook(HookBase):
 
     def load_state_dict(self, state: Dict):
         self.pairing.load_state_dict(state)
+
+
+class EMAUpdateHook(HookBase):
+    """Averages the student into the EMA teacher after every optimizer step
+    (:meth:`~kd_detr.distill.EMATeacher.update`, momentum 0 before its ``start_iter``).
+
+    It reads the student unwrapped from DDP and runs before the periodic
+    checkpointer, so the checkpoint of iteration i holds the teacher after update i. The weights
+    are checkpointed by the trainer ("kd_ema_teacher"), not by this hook.
+    """
+
+    def __init__(self, teacher: EMATeacher):
+        self.teacher = teacher
+
+    def after_step(self):
+        trainer = self.trainer
+        student = trainer.model
+        if isinstance(student, DistributedDataParallel):
+            student = student.module
+        self.teacher.update(student, trainer.iter)
+        trainer.storage.put_scalar(
+            "ema_momentum", self.teacher.momentum_at(trainer.iter), smoothing_hint=False
+        )

@@ -28,6 +28,7 @@ from detectron2.engine import hooks
 from detectron2.utils import comm
 
 from ..distill import (
+    EMATeacher,
     KDPairing,
     Teacher,
     TeacherFingerprint,
@@ -35,10 +36,12 @@ from ..distill import (
     build_kd_losses,
     build_pairing,
     build_teacher,
+    check_ema_config,
+    ema_enabled,
     init_student_from_teacher,
     kd_inputs,
 )
-from .kd_hooks import DistillationPointsHook, KDWeightSchedule, TeacherSanityHook
+from .kd_hooks import DistillationPointsHook, EMAUpdateHook, KDWeightSchedule, TeacherSanityHook
 from .trainer import Trainer
 
 __all__ = [
@@ -164,6 +167,9 @@ class KDStepMixin:
 
         Runs under the caller's autocast state; the teacher inherits it.
         """
+        if not self.teacher.active(self.iter):  # EMA teacher in burn-in: the student alone
+            loss_dict, _ = self.model(data, extra_query_groups=[])
+            return loss_dict
         if getattr(self.pairing, "runs_models", False):  # e.g. "boxes": any teacher / student
             loss_dict, context = self.pairing.run(self.model, data, self.iter)
             return self._add_kd_losses(loss_dict, context)
@@ -237,14 +243,20 @@ class KDTrainer(Trainer):
     The inner trainer is :class:`KDSimpleTrainer` (:class:`KDAMPTrainer` with
     SOLVER.AMP.ENABLED), and the KD hooks are inserted after the LR scheduler. ``build_model``
     builds the plain student, so evaluation and ``--eval-only`` use the student alone.
+
+    With ``MODEL.KD.TEACHER.EMA.ENABLED`` the teacher is an :class:`~kd_detr.distill.EMATeacher`
+    copied from the student (no external teacher), updated by :class:`EMAUpdateHook` after every
+    step and checkpointed as "kd_ema_teacher"; no KD loss is computed before its ``START_ITER``.
     """
 
     def __init__(self, cfg):
         if not cfg.MODEL.KD.ENABLED:
             raise ValueError("KDTrainer needs MODEL.KD.ENABLED True (use Trainer otherwise).")
         kd = cfg.MODEL.KD
-        self.teacher = build_teacher(cfg)
-        self.kd_losses = build_kd_losses(cfg).to(self.teacher.device)
+        check_ema_config(cfg)
+        # An EMA teacher is copied from the student once it is built (_build_inner_trainer).
+        self.teacher = None if ema_enabled(cfg) else build_teacher(cfg)
+        self.kd_losses = build_kd_losses(cfg).to(torch.device(cfg.MODEL.DEVICE))
         # DefaultTrainer rescales SOLVER.* for the world size the same way before building.
         scaled = d2_defaults.DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
         with _inner_trainer_factory(functools.partial(self._build_inner_trainer, scaled)):
@@ -252,12 +264,26 @@ class KDTrainer(Trainer):
         if kd.INIT_STUDENT_FROM_TEACHER:
             init_student_from_teacher(unwrap(self.model), self.teacher.model)
         self.checkpointer.add_checkpointable("kd_losses", self.kd_losses)
-        self.checkpointer.add_checkpointable(
-            "kd_teacher",
-            TeacherFingerprint(self.teacher.cfg, kd.TEACHER.CONFIG_FILE, kd.TEACHER.WEIGHTS),
-        )
+        if isinstance(self.teacher, EMATeacher):  # training state: its weights are checkpointed
+            self.checkpointer.add_checkpointable("kd_ema_teacher", self.teacher)
+        else:
+            self.checkpointer.add_checkpointable(
+                "kd_teacher",
+                TeacherFingerprint(self.teacher.cfg, kd.TEACHER.CONFIG_FILE, kd.TEACHER.WEIGHTS),
+            )
+
+    def resume_or_load(self, resume=True):
+        """Detectron2's, then an EMA teacher that the checkpoint did not restore becomes a copy
+        of the student as loaded (MODEL.WEIGHTS or its initialisation)."""
+        if isinstance(self.teacher, EMATeacher):
+            self.teacher.loaded = False
+        super().resume_or_load(resume=resume)
+        if isinstance(self.teacher, EMATeacher) and not self.teacher.loaded:
+            self.teacher.copy_from(unwrap(self.model))
 
     def _build_inner_trainer(self, cfg, model, data_loader, optimizer, amp: bool, **kwargs):
+        if self.teacher is None:  # MODEL.KD.TEACHER.EMA: a copy of the unwrapped student
+            self.teacher = EMATeacher.from_student(cfg, unwrap(model))
         self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
         check_terms_fit_pairing(self.kd_losses, self.pairing)
         for term in self.kd_losses:  # terms whose parameters depend on the models' shapes
@@ -293,6 +319,8 @@ class KDTrainer(Trainer):
             KDWeightSchedule.from_config(self.cfg),
             DistillationPointsHook(self.pairing),
         ]
+        if isinstance(self.teacher, EMATeacher):
+            kd_hooks.append(EMAUpdateHook(self.teacher))
         # After the LR scheduler, before checkpointing / evaluation / writers.
         after = 1 + max(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler))
         return ret[:after] + kd_hooks + ret[after:]

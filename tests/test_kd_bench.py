@@ -135,7 +135,7 @@ class TestArmsFile(unittest.TestCase):
         self.assertEqual((plain.arms[0].config, plain.iters), ("s.yaml", None))
 
     def test_repository_arms_files_parse(self):
-        for name in ("demo.yaml", "kd_detr_ablation.yaml"):
+        for name in ("demo.yaml", "kd_detr_ablation.yaml", "ema_demo.yaml"):
             spec = load_arms(os.path.join(REPO_ROOT, "configs", "bench", name))
             for arm in spec.arms:
                 self.assertTrue(os.path.isfile(os.path.join(REPO_ROOT, arm.config)), arm)
@@ -241,6 +241,28 @@ class TestPlan(unittest.TestCase):
         self.assertEqual(bench.data.classes, ["a", "b", "c"])
         self._assert_everywhere(bench, bench.data.train.name, 3)
         self.assertEqual(bench.runs[0]["classes"], ["a", "b", "c"])
+
+    def test_ema_arm_needs_no_teacher(self):
+        arms = os.path.join(REPO_ROOT, "configs", "bench", "ema_demo.yaml")
+        args = kd_bench.parse_args([arms, "--output", os.path.join(self.tmp, "out"), "--dry-run"])
+        bench = kd_bench.Bench(load_arms(arms), args, arms)
+        self.assertIsNone(bench.teacher)  # nothing to train or load
+        ema = [run for run in bench.runs if run["arm"] == "student_ema"]
+        self.assertEqual(len(ema), 2)
+        for run in ema:
+            opts = dict(zip(run["opts"][::2], run["opts"][1::2]))
+            self.assertFalse(run["kd"])  # does not use the bench's teacher
+            self.assertNotIn("MODEL.KD.TEACHER.CONFIG_FILE", opts)
+            self.assertTrue(resolve_config(run["config"], run["opts"]).MODEL.KD.TEACHER.EMA.ENABLED)
+        # With an external-teacher arm added, only that arm gets the teacher.
+        spec = load_arms(self.arms)
+        spec.arms.append(load_arms(arms).arms[1])
+        args = kd_bench.parse_args([self.arms, "--output", os.path.join(self.tmp, "o2"),
+                                    "--teacher-cache", "none", "--dry-run"])  # fmt: skip
+        bench = kd_bench.Bench(spec, args, self.arms)
+        self.assertIsNotNone(bench.teacher)
+        kd = {run["arm"]: run["kd"] for run in bench.runs}
+        self.assertEqual(kd, {"no_kd": False, "kd": True, "student_ema": False})
 
     def test_bad_input_stops_before_training(self):
         coco = _coco_dataset(os.path.join(self.tmp, "coco"))

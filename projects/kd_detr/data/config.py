@@ -6,7 +6,7 @@ __all__ = ["add_data_config"]
 
 
 def add_data_config(cfg):
-    """Add ``DATASETS.{KD_DEMO, COCO_JSON, VOC}``, ``INPUT.DETR_CROP`` and
+    """Add ``DATASETS.{KD_DEMO, COCO_JSON, VOC, INCREMENTAL}``, ``INPUT.DETR_CROP`` and
     ``DATALOADER.ON_BAD_IMAGE`` in place."""
     # An image that cannot be read or decoded: "error" stops with the file named; "skip" skips
     # it in training with a warning naming the file and the count (evaluation always stops).
@@ -43,3 +43,20 @@ def add_data_config(cfg):
     # VOC: "name,path/to/VOCdevkit_like_dir,split,class1;class2;..."
     # (split is an ImageSets/Main file)
     cfg.DATASETS.VOC = []
+    # Class-incremental few-shot split (Incremental-DETR), registered as <NAME>_base_train (base
+    # classes only), <NAME>_novel_train (SHOTS images per novel class) and <NAME>_val (every
+    # class; base / novel named for the coco_incremental evaluator). The defaults are the demo
+    # split "kd_demo_incremental" (3 base shapes, the cross novel). See incremental_split.py.
+    cfg.DATASETS.INCREMENTAL = CN()
+    # Name prefix of the three datasets; "" registers none.
+    cfg.DATASETS.INCREMENTAL.NAME = "kd_demo_incremental"
+    # Registered datasets the split is drawn from: the training set (base and few-shot sets)
+    # and the test set (evaluated on every class).
+    cfg.DATASETS.INCREMENTAL.TRAIN_SOURCE = "kd_demo_train"
+    cfg.DATASETS.INCREMENTAL.TEST_SOURCE = "kd_demo_val"
+    # Contiguous 0-based ids of the base classes; every other class is novel.
+    cfg.DATASETS.INCREMENTAL.BASE_CLASSES = [0, 1, 2]
+    # k: training images per novel class in the few-shot set.
+    cfg.DATASETS.INCREMENTAL.SHOTS = 10
+    # Seed of the few-shot draw (the same seed gives the same images).
+    cfg.DATASETS.INCREMENTAL.SEED = 0

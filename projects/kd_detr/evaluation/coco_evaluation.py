@@ -151,6 +151,7 @@ def evaluate_coco_boxes(
     *,
     img_ids: Optional[Sequence[int]] = None,
     max_dets: Sequence[int] = _DEFAULT_MAX_DETS,
+    cat_ids: Optional[Sequence[int]] = None,
 ) -> COCOBoxEvalResult:
     """Evaluate COCO box detections with faster-coco-eval; numbers match pycocotools' COCOeval.
 
@@ -161,6 +162,8 @@ def evaluate_coco_boxes(
             and score. They are copied, never modified. May be empty.
         img_ids: evaluate only these images (default: every image of the ground truth).
         max_dets: COCOeval maxDets, three increasing limits; AP uses the last one.
+        cat_ids: evaluate only these dataset category ids (COCOeval ``params.catIds``; default:
+            every category of the ground truth), e.g. the base or novel classes.
 
     Returns:
         COCOBoxEvalResult.
@@ -179,11 +182,19 @@ def evaluate_coco_boxes(
         if unknown:
             raise ValueError(f"img_ids {unknown[:5]} ({len(unknown)} in all) are not in coco_gt")
 
+    if cat_ids is not None:
+        cat_ids = sorted(int(c) for c in cat_ids)
+        unknown = sorted(set(cat_ids) - set(coco_api.getCatIds()))
+        if unknown or not cat_ids:
+            raise ValueError(f"cat_ids {cat_ids} must be non-empty category ids of coco_gt")
+
     coco_dt = coco_api.loadRes(dets)
     coco_eval = COCOeval_faster(coco_api, coco_dt, "bbox", print_function=logger.debug)
     coco_eval.params.maxDets = max_dets
     if img_ids is not None:
         coco_eval.params.imgIds = img_ids
+    if cat_ids is not None:
+        coco_eval.params.catIds = cat_ids
     coco_eval.evaluate()
     coco_eval.accumulate()
     coco_eval.summarize()

@@ -25,18 +25,22 @@ class TestRegistrations(unittest.TestCase):
             CONFIG_EXTENSION_REGISTRY.names(),
             [
                 "modeling", "distill", "distill_ctkd", "distill_ddf", "distill_dkd", "distill_ema",
-                "distill_fgd", "distill_fitnet", "distill_kdep", "distill_mgd", "distill_mlkd",
+                "distill_fgd", "distill_fitnet", "distill_kdep", "distill_incremental",
+                "distill_mgd", "distill_mlkd",
                 "distill_boxes", "ov", "engine",
             ],  # fmt: skip
         )
-        self.assertEqual(set(EVALUATOR_REGISTRY.names()), {"coco", "coco_ovd", "lvis"})
         self.assertEqual(
-            set(DATASET_SOURCE_REGISTRY.names()), {"KD_DEMO", "COCO_JSON", "VOC", "COCO_OVD"}
+            set(EVALUATOR_REGISTRY.names()), {"coco", "coco_incremental", "coco_ovd", "lvis"}
+        )
+        self.assertEqual(
+            DATASET_SOURCE_REGISTRY.names(),
+            ["COCO_JSON", "KD_DEMO", "VOC", "INCREMENTAL", "COCO_OVD"],
         )
         self.assertEqual(set(TRAIN_MAPPER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
         terms = ("KDDETRLoss", "DKDLoss", "FitNetLoss", "CTKDLoss", "MLKDLoss", "FGDLoss",
-                 "MGDLoss", "KDEPLoss", "DistributionKDLoss")  # fmt: skip
+                 "MGDLoss", "KDEPLoss", "DistributionKDLoss", "MaskedFeatureKDLoss")  # fmt: skip
         for term in terms:
             self.assertIn(term, KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 5)
@@ -70,7 +74,8 @@ class TestRegistrations(unittest.TestCase):
     def test_unknown_choices_name_the_valid_ones(self):
         cfg = load_config(freeze=False)
         cfg.TEST.EVALUATOR = "voc"
-        with self.assertRaisesRegex(ValueError, "'voc'; valid names: coco, coco_ovd, lvis"):
+        valid = "coco, coco_incremental, coco_ovd, lvis"
+        with self.assertRaisesRegex(ValueError, f"'voc'; valid names: {valid}"):
             build_evaluator(cfg, "kd_demo_val")
         cfg = load_config(
             os.path.join(REPO_ROOT, "configs", "tests", "dab_detr_tiny_parity.yaml"),

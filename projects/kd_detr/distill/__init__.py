@@ -4,6 +4,7 @@
 points, foreground weights, class mapping, the frozen teacher and box evaluation
 (``BOX_EVALUATOR_REGISTRY``, any teacher / any student). Importing registers the KD
 config keys, terms and pairings."""
+from .base_classes import base_class_indices, config_base_classes, student_num_classes
 from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_general_pairs
 from .box_evaluation import (
     BOX_EVALUATOR_REGISTRY,
@@ -48,6 +49,7 @@ from .losses import (
     sigmoid_kl,
     softmax_kl,
 )
+from .masked_feature import MaskedFeatureKDLoss, add_incremental_kd_config, novel_feature_mask
 from .mgd import MGDLoss, add_mgd_config, generation_block
 from .mlkd import MLKDLoss, add_mlkd_config, mlkd_confidence_mask, mlkd_levels
 from .pairing import (

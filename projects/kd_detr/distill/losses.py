@@ -20,7 +20,7 @@ T the temperature, K the number of logits, W = sum_i w_i, z logits, b cxcywh box
   distributions q = sigmoid(z / T): cls = sum_i w_i T^2 sum_c [q_t log(q_t / q_s) +
   (1 - q_t) log((1 - q_t) / (1 - q_s))] / W, normalised like ``normalized``.
 """
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 
 from ..modeling.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from .base_classes import base_class_indices, config_base_classes, student_num_classes
 from .registry import KD_LOSS_REGISTRY
 from .term import PointKDTerm
 
@@ -119,6 +120,7 @@ def kd_detr_losses(
     cls_weight: float = 1.0,
     l1_weight: float = 5.0,
     giou_weight: float = 2.0,
+    classes: Optional[Sequence[int]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Weighted KD-DETR losses of one point group, every student layer (see the module doc).
 
@@ -131,6 +133,8 @@ def kd_detr_losses(
         mode (str): one of :data:`KD_MODES`.
         temperature (float): T.
         cls_weight, l1_weight, giou_weight (float): multipliers of the three terms.
+        classes (list[int] or None): logit indices the class term compares (Incremental-DETR's
+            base classes, plus background for softmax; K is then their count); None: all.
 
     Returns:
         dict: ``loss_kd_{cls,bbox,giou}_<group>`` (last student layer) and ``..._<group>_<l>``
@@ -149,6 +153,9 @@ def kd_detr_losses(
             f"{tuple(t_boxes.shape)}; different class counts need MODEL.KD.CLASS_MAPPING and "
             "the same classifier type (sigmoid or softmax)"
         )
+    if classes is not None:  # the class term on these logits only (weights are unchanged)
+        index = torch.as_tensor(list(classes), dtype=torch.long, device=t_logits.device)
+        s_logits, t_logits = s_logits.index_select(-1, index), t_logits.index_select(-1, index)
     if weights is None:
         weights = t_logits.new_ones(t_logits.shape[:-1])
     weights = weights.detach().float()
@@ -201,8 +208,14 @@ class KDDETRLoss(PointKDTerm):
         cls_weight: float = 1.0,
         l1_weight: float = 5.0,
         giou_weight: float = 2.0,
+        base_classes: Sequence[int] = (),
+        num_classes: Optional[int] = None,
     ):
         super().__init__()
+        self.base_classes = [int(c) for c in base_classes]
+        self.num_classes = num_classes
+        if self.base_classes and num_classes is None:
+            raise ValueError("MODEL.KD.BASE_CLASSES needs the student's class count")
         if mode not in KD_MODES:
             raise ValueError(
                 f"unknown KD mode {mode!r}; expected one of {KD_MODES} (MODEL.KD.MODE)"
@@ -230,6 +243,8 @@ class KDDETRLoss(PointKDTerm):
             "cls_weight": kd.CLS_WEIGHT,
             "l1_weight": kd.L1_WEIGHT,
             "giou_weight": kd.GIOU_WEIGHT,
+            "base_classes": config_base_classes(cfg),
+            "num_classes": student_num_classes(cfg),
         }
 
     def pair_losses(self, student, teacher, weights, group: str) -> Dict[str, torch.Tensor]:
@@ -244,10 +259,18 @@ class KDDETRLoss(PointKDTerm):
             cls_weight=self.cls_weight,
             l1_weight=self.l1_weight,
             giou_weight=self.giou_weight,
+            classes=self._classes(teacher["pred_logits"].shape[-1]),
         )
 
+    def _classes(self, num_logits: int):
+        """Logit indices of the class term (MODEL.KD.BASE_CLASSES), None for all."""
+        if not self.base_classes:
+            return None
+        return base_class_indices(self.base_classes, num_logits, self.num_classes)
+
     def extra_repr(self):
+        base = f", base_classes={self.base_classes}" if self.base_classes else ""
         return (
             f"mode={self.mode!r}, temperature={self.temperature}, weights=("
-            f"{self.cls_weight}, {self.l1_weight}, {self.giou_weight})"
+            f"{self.cls_weight}, {self.l1_weight}, {self.giou_weight}){base}"
         )

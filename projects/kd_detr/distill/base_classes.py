@@ -1,0 +1,54 @@
+# Copyright (c) kd_detr contributors.
+"""Base classes of class-incremental distillation (``MODEL.KD.BASE_CLASSES``, added by
+``masked_feature.py``): the checked ids and the logit indices the class terms keep."""
+from typing import List, Optional, Sequence
+
+from ..modeling.num_classes import num_classes_key
+
+__all__ = ["base_class_indices", "config_base_classes", "student_num_classes"]
+
+
+def student_num_classes(cfg) -> Optional[int]:
+    key = num_classes_key(cfg)
+    if key is None:
+        return None
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    return int(value)
+
+
+def config_base_classes(cfg) -> List[int]:
+    """``MODEL.KD.BASE_CLASSES``, checked against the student's class count.
+
+    Raises:
+        ValueError: repeated or out-of-range ids, naming the key and the class count.
+    """
+    base = [int(c) for c in cfg.MODEL.KD.get("BASE_CLASSES", [])]
+    num = student_num_classes(cfg)
+    bad = [c for c in base if c < 0 or (num is not None and c >= num)]
+    if bad:
+        raise ValueError(
+            f"MODEL.KD.BASE_CLASSES {base} has ids {bad} outside [0, {num - 1 if num else '?'}] "
+            f"(the student has {num} classes): list contiguous 0-based ids of the base classes."
+        )
+    if len(set(base)) != len(base):
+        raise ValueError(f"MODEL.KD.BASE_CLASSES {base} repeats a class id: list each once.")
+    return sorted(base)
+
+
+def base_class_indices(
+    base_classes: Sequence[int], num_logits: int, num_classes: int
+) -> Optional[List[int]]:
+    """Logit indices the class term keeps: the base classes, plus the background (last) logit
+    when ``num_logits`` is ``num_classes + 1`` (softmax); None (all) without base classes."""
+    if not base_classes:
+        return None
+    if num_logits == num_classes:
+        return list(base_classes)
+    if num_logits == num_classes + 1:
+        return list(base_classes) + [num_classes]
+    raise ValueError(
+        f"MODEL.KD.BASE_CLASSES: the class logits have {num_logits} entries, expected "
+        f"{num_classes} (sigmoid) or {num_classes + 1} (softmax with background)."
+    )

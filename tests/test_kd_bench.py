@@ -135,7 +135,8 @@ class TestArmsFile(unittest.TestCase):
         self.assertEqual((plain.arms[0].config, plain.iters), ("s.yaml", None))
 
     def test_repository_arms_files_parse(self):
-        for name in ("demo.yaml", "kd_detr_ablation.yaml", "ema_demo.yaml"):
+        names = ("demo.yaml", "kd_detr_ablation.yaml", "ema_demo.yaml", "incremental_demo.yaml")
+        for name in names:
             spec = load_arms(os.path.join(REPO_ROOT, "configs", "bench", name))
             for arm in spec.arms:
                 self.assertTrue(os.path.isfile(os.path.join(REPO_ROOT, arm.config)), arm)
@@ -263,6 +264,24 @@ class TestPlan(unittest.TestCase):
         self.assertIsNotNone(bench.teacher)
         kd = {run["arm"]: run["kd"] for run in bench.runs}
         self.assertEqual(kd, {"no_kd": False, "kd": True, "student_ema": False})
+
+    def test_incremental_arms_start_from_the_teacher(self):
+        arms = os.path.join(REPO_ROOT, "configs", "bench", "incremental_demo.yaml")
+        args = kd_bench.parse_args([arms, "--output", os.path.join(self.tmp, "out"),
+                                    "--teacher-cache", "none", "--dry-run"])  # fmt: skip
+        bench = kd_bench.Bench(load_arms(arms), args, arms)
+        base = "configs/incremental/dab_detr_efflite0_base_demo.yaml"
+        self.assertEqual(bench.teacher["config"], base)
+        self.assertEqual(len(bench.runs), 4)
+        for run in bench.runs:
+            opts = dict(zip(run["opts"][::2], run["opts"][1::2]))
+            self.assertEqual(opts["MODEL.WEIGHTS"], bench.teacher["weights"], run["arm"])
+            self.assertTrue(run["kd"])  # both use the bench's teacher
+            kd = "MODEL.KD.TEACHER.WEIGHTS" in opts
+            self.assertEqual(kd, run["arm"] == "incremental_kd")
+        with self.assertRaisesRegex(BenchError, "'init_from_teacher' must be true or false"):
+            load_arms(_write(os.path.join(self.tmp, "bad.yaml"),
+                             "- {name: a, config: s.yaml, init_from_teacher: 1}\n"))  # fmt: skip
 
     def test_bad_input_stops_before_training(self):
         coco = _coco_dataset(os.path.join(self.tmp, "coco"))

@@ -18,7 +18,8 @@
    with the same iterations and schedule. KD arms (``MODEL.KD.ENABLED``) get the teacher's
    config, overrides and weights (``MODEL.KD.TEACHER.*``), except EMA self-distillation arms
    (``MODEL.KD.TEACHER.EMA.ENABLED``), whose teacher is the student's own average: a bench of
-   such arms trains no teacher.
+   such arms trains no teacher. Arms with ``init_from_teacher: true`` start from the teacher's
+   weights (``MODEL.WEIGHTS``; class-incremental fine-tuning of a base model), with or without KD.
 4. Resumable: a run whose ``bench_run.json`` matches its resolved config hash is skipped, so an
    interrupted bench continues where it stopped and a changed arm reruns.
 5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
@@ -284,7 +285,7 @@ class Bench:
             base = list(arm.opts) + opts + schedule
             cfg = self._resolve(f"arm {arm.name!r}", arm.config,
                                 base + self.data_opts(f"arm {arm.name!r}", arm.config, base))
-            if _needs_teacher(cfg):
+            if _needs_teacher(cfg) or arm.init_from_teacher:
                 kd_arms.append(arm)
         if kd_arms:
             self._plan_teacher(kd_arms[0])
@@ -295,8 +296,8 @@ class Bench:
     def _plan_teacher(self, first_kd_arm):
         if not self.teacher_config:
             raise BenchError(
-                f"arm {first_kd_arm.name!r} uses KD but no teacher is set ('teacher: config:' in "
-                "the arms file or --teacher-config)"
+                f"arm {first_kd_arm.name!r} uses KD (or init_from_teacher) but no teacher is set "
+                "('teacher: config:' in the arms file or --teacher-config)"
             )
         what = f"teacher {self.teacher_config!r}"
         opts = schedule_opts(self.teacher_iters) + self.teacher_opts
@@ -340,9 +341,13 @@ class Bench:
             teacher_cfg = self._resolve(f"{what}: its teacher", self.teacher_config, t_opts)
             self._check_teacher_classes(arm, cfg, teacher_cfg)
             teacher_key = self.teacher["key"]
+        if arm.init_from_teacher:  # e.g. class-incremental fine-tuning of the base model
+            run_opts += ["MODEL.WEIGHTS", self.teacher["weights"]]
+            cfg = self._resolve(what, arm.config, run_opts)
+            teacher_key = self.teacher["key"]
         return {
             "arm": arm.name, "title": arm.title, "seed": seed, "config": arm.config,
-            "opts": run_opts, "kd": _needs_teacher(cfg),  # uses the bench's teacher
+            "opts": run_opts, "kd": teacher_key is not None,  # uses the bench's teacher
             "hash": config_hash(cfg, teacher_key),
             "out_dir": os.path.join(self.output, f"{arm.name}_seed{seed}"),
             "classes": self._classes_of(cfg),

@@ -24,6 +24,8 @@ defaults next to it (every default can be overridden on the command line)::
         config: configs/bccd/kd_dab_detr_efflite0_from_efflite2_bccd.yaml
         opts: {MODEL.KD.POINTS: inconsistent}   # or a flat [KEY, VALUE, ...] list
         label: "KD, inconsistent points"        # optional, shown in tables
+        init_from_teacher: false                # optional: MODEL.WEIGHTS = the teacher's weights
+                                                # (class-incremental fine-tuning of a base model)
 
 Config paths are relative to the repository root (or absolute).
 """
@@ -35,7 +37,7 @@ from typing import List, Optional
 __all__ = ["Arm", "BenchError", "BenchSpec", "flat_opts", "load_arms"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_ARM_KEYS = {"name", "config", "opts", "label"}
+_ARM_KEYS = {"name", "config", "opts", "label", "init_from_teacher"}
 _TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data"}
 _TEACHER_KEYS = {"config", "iters", "opts", "weights"}
 DATA_KEYS = ("train", "test", "train_images", "test_images", "train_split", "test_split", "classes")
@@ -53,6 +55,7 @@ class Arm:
     config: str
     opts: List[str] = field(default_factory=list)
     label: str = ""
+    init_from_teacher: bool = False  # the run starts from the bench teacher's weights
 
     @property
     def title(self):
@@ -113,7 +116,11 @@ def _parse_arm(entry, index, source):
     config = entry.get("config")
     if not isinstance(config, str) or not config:
         raise BenchError(f"{where} has no 'config' (a config file path)")
-    return Arm(name, config, flat_opts(entry.get("opts"), where), str(entry.get("label", "")))
+    init = entry.get("init_from_teacher", False)
+    if not isinstance(init, bool):
+        raise BenchError(f"{where}: 'init_from_teacher' must be true or false, got {init!r}")
+    opts = flat_opts(entry.get("opts"), where)
+    return Arm(name, config, opts, str(entry.get("label", "")), init_from_teacher=init)
 
 
 def load_arms(path):

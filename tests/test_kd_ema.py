@@ -20,7 +20,7 @@ from detectron2.utils.events import EventStorage
 from kd_detr.config import load_config
 from kd_detr.distill import EMATeacher, check_ema_config
 from kd_detr.engine import KDTrainer
-from kd_detr.engine.kd_hooks import EMAUpdateHook
+from kd_detr.engine.kd_hooks import EMAUpdateHook, KDWeightSchedule
 
 from .kd_helpers import FixedBatchKDTrainer, kd_cfg, spy, tiny_cfg
 from .model_helpers import single_thread_module
@@ -221,6 +221,21 @@ class TestEMATrainer(unittest.TestCase):
         final_b = self.trainer_b.teacher.model.state_dict()
         for name, value in self.trainer.teacher.model.state_dict().items():
             torch.testing.assert_close(value, final_b[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+class TestEMAWarmup(unittest.TestCase):
+    def test_kd_warmup_ramps_from_start_iter(self):
+        cfg = ema_cfg(
+            "unused", "MODEL.KD.TEACHER.EMA.START_ITER", "5", "MODEL.KD.WARMUP_ITERS", "4"
+        )
+        schedule = KDWeightSchedule.from_config(cfg)
+        schedule.trainer = SimpleNamespace(iter=0)
+        schedule.before_train()
+        self.assertEqual([schedule.value(i) for i in (5, 6, 8, 9)], [0.25, 0.5, 1.0, 1.0])
+        plain = KDWeightSchedule.from_config(tiny_cfg("MODEL.KD.WARMUP_ITERS", "4"))
+        plain.trainer = SimpleNamespace(iter=0)
+        plain.before_train()
+        self.assertEqual(plain.value(0), 0.25)
 
 
 class TestEMABadInput(unittest.TestCase):

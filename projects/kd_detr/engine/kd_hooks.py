@@ -60,21 +60,25 @@ class KDWeightSchedule(HookBase):
     """Multiplier of every KD loss: ``factor`` after a linear warm-up of ``warmup_iters``.
 
     Iteration i gets ``factor * min(1, (i - start + 1) / warmup_iters)`` (``factor`` when
-    ``warmup_iters`` is 0), where ``start`` is the first iteration trained with KD. ``start`` is
+    ``warmup_iters`` is 0), where ``start`` is the first iteration trained with KD: the first
+    iteration of the run, or ``first_iter`` if later (an EMA teacher's START_ITER). ``start`` is
     the hook's checkpointed state, so a resumed run continues the ramp. The value is set as the
     trainer's ``kd_weight`` before each step and logged as "kd_weight".
     """
 
-    def __init__(self, factor: float = 1.0, warmup_iters: int = 0):
+    def __init__(self, factor: float = 1.0, warmup_iters: int = 0, first_iter: int = 0):
         if warmup_iters < 0:
             raise ValueError(f"MODEL.KD.WARMUP_ITERS must be >= 0, got {warmup_iters}")
         self.factor = float(factor)
         self.warmup_iters = int(warmup_iters)
+        self.first_iter = int(first_iter)
         self.start_iter: Optional[int] = None
 
     @classmethod
     def from_config(cls, cfg) -> "KDWeightSchedule":
-        return cls(cfg.MODEL.KD.LOSS_FACTOR, cfg.MODEL.KD.WARMUP_ITERS)
+        ema = cfg.MODEL.KD.TEACHER.EMA
+        first = ema.START_ITER if ema.ENABLED else 0
+        return cls(cfg.MODEL.KD.LOSS_FACTOR, cfg.MODEL.KD.WARMUP_ITERS, first_iter=first)
 
     def value(self, iteration: int) -> float:
         """The multiplier of ``iteration``."""
@@ -85,7 +89,7 @@ class KDWeightSchedule(HookBase):
 
     def before_train(self):
         if self.start_iter is None:
-            self.start_iter = self.trainer.iter
+            self.start_iter = max(self.trainer.iter, self.first_iter)
 
     def before_step(self):
         weight = self.value(self.trainer.iter)

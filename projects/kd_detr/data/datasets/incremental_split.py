@@ -195,8 +195,8 @@ def register_incremental_split(
 def register_incremental_from_config(cfg):
     """Register the split of ``cfg.DATASETS.INCREMENTAL`` (re-registered for the config's
     settings); returns its names, except for the built-in demo split's."""
-    c = cfg.DATASETS.INCREMENTAL
-    if not c.NAME:
+    c = cfg.DATASETS.get("INCREMENTAL")
+    if c is None or not c.NAME:
         return []
     names = register_incremental_split(
         c.NAME, c.TRAIN_SOURCE, c.TEST_SOURCE, c.BASE_CLASSES, c.SHOTS, c.SEED

@@ -32,7 +32,6 @@
 config overrides of every arm (not of the teacher: use ``--teacher-opts``).
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,21 +43,18 @@ from bench import (  # noqa: E402; fmt: skip
     BenchError,
     BenchSpec,
     DataSwitch,
-    arm_stats,
     config_hash,
     flat_opts,
     load_arms,
-    paired_difference,
     resolve_config,
     resolve_dataset,
     schedule_opts,
     train_run,
-    write_chart,
-    write_markdown,
 )
 from bench.arms import DATA_KEYS  # noqa: E402
 from bench.data import split_classes  # noqa: E402
 from bench.report import METRICS, duration, print_tables  # noqa: E402
+from bench.results import BenchResultsMixin  # noqa: E402
 from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
 
 
@@ -148,7 +144,7 @@ def _needs_teacher(cfg) -> bool:
     return bool(cfg.MODEL.KD.ENABLED and not cfg.MODEL.KD.TEACHER.EMA.ENABLED)
 
 
-class Bench:
+class Bench(BenchResultsMixin):
     """A checked bench plan: the teacher, every run with its resolved config hash."""
 
     def __init__(self, spec: BenchSpec, args, arms_file="(arms)"):
@@ -388,47 +384,10 @@ class Bench:
         t["weights_sha256"] = file_sha256(t["weights"])
         print(f"[kd_bench] teacher: weights sha256 {t['weights_sha256']}", flush=True)
 
-    def take_over_results(self):
-        """Mark runs finished in the ``--results-from`` files as "imported" (same arm, seed and
-        config hash; KD runs also the same teacher weights sha256)."""
-        earlier = {}
-        for path in getattr(self.args, "results_from", None) or []:
-            try:
-                with open(path) as f:
-                    content = json.load(f)
-            except (OSError, json.JSONDecodeError) as e:
-                raise BenchError(f"--results-from {path!r}: cannot read it ({e})") from e
-            sha = (content.get("teacher") or {}).get("weights_sha256")
-            for run in content.get("runs", []):
-                if run.get("bbox") and run.get("state") in ("trained", "finished", "imported"):
-                    earlier[(run["arm"], run["seed"], run["hash"])] = (run, sha)
-        ours = (self.teacher or {}).get("weights_sha256")
-        taken = skipped = 0
-        for run in self.runs:
-            found = earlier.get((run["arm"], run["seed"], run["hash"]))
-            if run.get("state") == "finished" or found is None:
-                continue
-            if run["kd"] and found[1] != ours:
-                skipped += 1
-                continue
-            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"])
-            taken += 1
-        if earlier:
-            print(f"[kd_bench] --results-from: {taken} finished run(s) taken over"
-                  + (f", {skipped} KD run(s) not (another teacher: weights sha256 differs)"
-                     if skipped else ""), flush=True)  # fmt: skip
-
     def _estimate(self, run):
         done = [r["seconds"] for r in self.runs if r.get("seconds") and r["arm"] == run["arm"]]
         done = done or [r["seconds"] for r in self.runs if r.get("seconds")]
         return sum(done) / len(done) if done else None
-
-    def collect_finished(self):
-        """Mark the runs finished in OUTPUT (their ``bench_run.json`` matches their hash)."""
-        for run in self.runs:
-            record = finished_run(run["out_dir"], run["hash"])
-            if record:
-                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
 
     def report_only(self):
         """Results of what is finished, training nothing (the teacher's weights are
@@ -475,52 +434,6 @@ class Bench:
                 f"{k} {record['bbox'][k]:.1f}" for k in METRICS), flush=True)  # fmt: skip
             self.write_results(time.perf_counter() - start, charts=False)
         return self.write_results(time.perf_counter() - start)
-
-    # -- results -------------------------------------------------------------------------------
-    def summary(self):
-        per_arm = {}
-        for run in self.runs:
-            if run.get("bbox"):
-                per_arm.setdefault(run["arm"], {})[run["seed"]] = run["bbox"]
-        base = per_arm.get(self.baseline, {})
-        arms = []
-        for arm in self.arms:
-            values = per_arm.get(arm.name, {})
-            entry = {"name": arm.name, "title": arm.title, "n": len(values),
-                     "stats": {k: arm_stats([v[k] for v in values.values()]) for k in METRICS}}
-            # fmt: skip
-            if arm.name != self.baseline:
-                entry["diff"] = {k: paired_difference({s: v[k] for s, v in values.items()},
-                                                      {s: v[k] for s, v in base.items()})
-                                 for k in METRICS}  # fmt: skip
-            arms.append(entry)
-        return {"baseline": self.baseline, "arms": arms}
-
-    def result(self, seconds):
-        data = self.data
-        runs = [{k: r.get(k) for k in ("arm", "title", "seed", "config", "opts", "kd", "hash",
-                                       "out_dir", "state", "bbox", "seconds")}
-                for r in self.runs]  # fmt: skip
-        classes = data.classes if data else (self.runs[0]["classes"] or [])
-        return {
-            "arms_file": self.arms_file, "iters": self.iters, "seeds": self.seeds,
-            "arms": [{"name": a.name, "config": a.config, "opts": a.opts} for a in self.arms],
-            "overrides": list(self.args.opts or []),
-            "data": {"train": data.train.source if data else self.runs[0]["datasets"][0],
-                     "test": data.test.source if data else self.runs[0]["datasets"][1],
-                     "classes": list(classes)},
-            "teacher": self.teacher, "runs": runs, "summary": self.summary(),
-            "job_seconds": round(seconds, 1),
-        }  # fmt: skip
-
-    def write_results(self, seconds, charts=True):
-        result = self.result(seconds)
-        with open(os.path.join(self.output, "bench_results.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        if charts:
-            write_markdown(result, os.path.join(self.output, "bench_results.md"))
-            write_chart(result, os.path.join(self.output, "bench_ap.png"))
-        return result
 
     def print_plan(self):
         print(f"[kd_bench] {len(self.arms)} arm(s) x seeds {self.seeds} = {len(self.runs)} runs "

@@ -1,0 +1,101 @@
+# Copyright (c) kd_detr contributors.
+"""What a bench has measured: runs finished in its output folder or taken over from earlier
+benches' ``bench_results.json`` (``--results-from``), the per-arm summary and the result files.
+A mixin of ``Bench`` in ``tools/kd_bench.py`` (which owns ``runs``, ``arms``, ``teacher``, ...)."""
+import json
+import os
+
+from .arms import BenchError
+from .report import METRICS, write_chart, write_markdown
+from .runs import finished_run
+from .stats import arm_stats, paired_difference
+
+
+class BenchResultsMixin:
+    """Result bookkeeping of a bench: ``self.runs`` are dicts with ``arm``, ``seed``, ``hash``,
+    ``kd``, ``out_dir`` and, once known, ``state``, ``bbox`` and ``seconds``."""
+
+    def take_over_results(self):
+        """Mark runs finished in the ``--results-from`` files as "imported" (same arm, seed and
+        config hash; KD runs also the same teacher weights sha256)."""
+        earlier = {}
+        for path in getattr(self.args, "results_from", None) or []:
+            try:
+                with open(path) as f:
+                    content = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise BenchError(f"--results-from {path!r}: cannot read it ({e})") from e
+            sha = (content.get("teacher") or {}).get("weights_sha256")
+            for run in content.get("runs", []):
+                if run.get("bbox") and run.get("state") in ("trained", "finished", "imported"):
+                    earlier[(run["arm"], run["seed"], run["hash"])] = (run, sha)
+        ours = (self.teacher or {}).get("weights_sha256")
+        taken = skipped = 0
+        for run in self.runs:
+            found = earlier.get((run["arm"], run["seed"], run["hash"]))
+            if run.get("state") == "finished" or found is None:
+                continue
+            if run["kd"] and found[1] != ours:
+                skipped += 1
+                continue
+            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"])
+            taken += 1
+        if earlier:
+            print(f"[kd_bench] --results-from: {taken} finished run(s) taken over"
+                  + (f", {skipped} KD run(s) not (another teacher: weights sha256 differs)"
+                     if skipped else ""), flush=True)  # fmt: skip
+
+    def collect_finished(self):
+        """Mark the runs finished in OUTPUT (their ``bench_run.json`` matches their hash)."""
+        for run in self.runs:
+            record = finished_run(run["out_dir"], run["hash"])
+            if record:
+                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+
+    def summary(self):
+        per_arm = {}
+        for run in self.runs:
+            if run.get("bbox"):
+                per_arm.setdefault(run["arm"], {})[run["seed"]] = run["bbox"]
+        base = per_arm.get(self.baseline, {})
+        arms = []
+        for arm in self.arms:
+            values = per_arm.get(arm.name, {})
+            entry = {"name": arm.name, "title": arm.title, "n": len(values),
+                     "stats": {k: arm_stats([v[k] for v in values.values()]) for k in METRICS}}
+            # fmt: skip
+            if arm.name != self.baseline:
+                entry["diff"] = {k: paired_difference({s: v[k] for s, v in values.items()},
+                                                      {s: v[k] for s, v in base.items()})
+                                 for k in METRICS}  # fmt: skip
+            arms.append(entry)
+        return {"baseline": self.baseline, "arms": arms}
+
+    def result(self, seconds):
+        data = self.data
+        runs = [{k: r.get(k) for k in ("arm", "title", "seed", "config", "opts", "kd", "hash",
+                                       "out_dir", "state", "bbox", "seconds")}
+                for r in self.runs]  # fmt: skip
+        classes = data.classes if data else (self.runs[0]["classes"] or [])
+        return {
+            "arms_file": self.arms_file, "iters": self.iters, "seeds": self.seeds,
+            "arms": [{"name": a.name, "config": a.config, "opts": a.opts} for a in self.arms],
+            "overrides": list(self.args.opts or []),
+            "data": {"train": data.train.source if data else self.runs[0]["datasets"][0],
+                     "test": data.test.source if data else self.runs[0]["datasets"][1],
+                     "classes": list(classes)},
+            "teacher": self.teacher, "runs": runs, "summary": self.summary(),
+            "job_seconds": round(seconds, 1),
+        }  # fmt: skip
+
+    def write_results(self, seconds, charts=True):
+        result = self.result(seconds)
+        # Atomic: a --report-only process may write the same file while a bench still runs.
+        path = os.path.join(self.output, "bench_results.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(path + ".tmp", path)
+        if charts:
+            write_markdown(result, os.path.join(self.output, "bench_results.md"))
+            write_chart(result, os.path.join(self.output, "bench_ap.png"))
+        return result

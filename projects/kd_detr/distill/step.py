@@ -87,4 +87,10 @@ def build_kd_context(
         context.teacher_matching = _matching(
             teacher.model.criterion.matcher, t_final, context.targets
         )
+    if "detections" in inputs:
+        layers = teacher_outputs["layers"]
+        keys = [k for k in ("pred_logits", "pred_boxes", "hidden_states") if k in layers]
+        detections = {k: layers[k].detach() for k in keys}
+        detections["pred_logits"] = teacher.map_logits(detections["pred_logits"])
+        context.teacher_detections = detections
     return context

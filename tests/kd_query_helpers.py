@@ -2,6 +2,8 @@
 """Shared pieces of the DETR-specific KD term tests (DETRDistill, QSKD): independent float64
 references (numpy; scipy's linear_sum_assignment for the matchings), hand-made contexts and
 stand-in models for ``bind``."""
+import os
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -10,6 +12,9 @@ from torch import nn
 from kd_detr.distill import KDContext
 from kd_detr.modeling.criterion import SetCriterion
 from kd_detr.modeling.matcher import HungarianMatcher
+
+from .common import REPO_ROOT
+from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_student_cfg, save_teacher
 
 
 def np_sigmoid(x):
@@ -144,3 +149,19 @@ class StandInDETR(nn.Module):
 
 class NotADETR(nn.Module):
     """A model without the DistillableDETR members (e.g. a foreign detector)."""
+
+
+DETR_TINY = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
+
+
+def detr_trainer(tmp, *opts):
+    """A FixedBatchKDTrainer of a tiny vanilla (softmax) DETR distilled from another."""
+    heads = lambda m: [m.bbox_embed]  # noqa: E731
+    weights = save_teacher(tmp, config_file=DETR_TINY, box_heads=heads)
+    cfg = kd_student_cfg(DETR_TINY, os.path.join(tmp, "run"), weights)
+    cfg.defrost()
+    cfg.MODEL.KD.TEACHER.CONFIG_FILE = DETR_TINY
+    cfg.MODEL.KD.TEACHER.OPTS = TINY_OPTS
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "1", "MODEL.KD.LOSSES", "['DETRDistillLoss']", *opts])
+    cfg.freeze()
+    return FixedBatchKDTrainer(cfg)

@@ -16,13 +16,12 @@ import torch
 
 from kd_detr.distill import DETRDistillLoss, PointPair
 
-from .common import REPO_ROOT
 from .kd_feature_helpers import demo_pair_trainer, logged_losses, term_parameter_checks
-from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_cfg, kd_student_cfg, save_teacher
-from .kd_helpers import tiny_cfg
+from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_cfg, save_teacher, tiny_cfg
 from .kd_query_helpers import (
     NotADETR,
     StandInDETR,
+    detr_trainer,
     make_targets,
     np_gt_match,
     np_iou_giou,
@@ -283,22 +282,6 @@ class TestDETRDistillStartUp(unittest.TestCase):
         self.assertTrue(DETRDistillLoss(cfg).query_prior)
         self.assertEqual(DETRDistillLoss(cfg).weights, (1.0, 5.0, 2.0))
         self.assertEqual(DETRDistillLoss(cfg).feature_weight, 2.0)
-
-
-DETR_TINY = os.path.join(REPO_ROOT, "configs", "tests", "detr_tiny_parity.yaml")
-
-
-def detr_trainer(tmp, *opts):
-    """A FixedBatchKDTrainer of a tiny vanilla (softmax) DETR distilled from another."""
-    heads = lambda m: [m.bbox_embed]  # noqa: E731
-    weights = save_teacher(tmp, config_file=DETR_TINY, box_heads=heads)
-    cfg = kd_student_cfg(DETR_TINY, os.path.join(tmp, "run"), weights)
-    cfg.defrost()
-    cfg.MODEL.KD.TEACHER.CONFIG_FILE = DETR_TINY
-    cfg.MODEL.KD.TEACHER.OPTS = TINY_OPTS
-    cfg.merge_from_list(["SOLVER.MAX_ITER", "1", "MODEL.KD.LOSSES", "['DETRDistillLoss']", *opts])
-    cfg.freeze()
-    return FixedBatchKDTrainer(cfg)
 
 
 class TestDETRDistillInTraining(unittest.TestCase):

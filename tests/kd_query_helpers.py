@@ -75,7 +75,8 @@ def np_gt_match(logits, boxes, labels, gt, softmax, costs=(2.0, 5.0, 2.0)):
                 p = np_sigmoid(logits[i][c])
                 cls = 0.25 * (1 - p) ** 2 * -np.log(p + 1e-8) - 0.75 * p**2 * -np.log(1 - p + 1e-8)
             giou = np_iou_giou(boxes[i], gt[j])[1]
-            cost[i, j] = costs[0] * cls + costs[1] * np.abs(boxes[i] - gt[j]).sum() - costs[2] * giou
+            l1 = np.abs(boxes[i] - gt[j]).sum()
+            cost[i, j] = costs[0] * cls + costs[1] * l1 - costs[2] * giou
     return linear_sum_assignment(cost)
 
 

@@ -71,8 +71,10 @@ def reference_logit_losses(student, teacher, softmax, threshold=0.0, by_layer=Tr
             scores = np.exp(np_log_softmax(t_logits[t, b]))[:, :-1] if softmax else np_sigmoid(
                 t_logits[t, b])  # fmt: skip
             keep = np.nonzero(scores.max(-1) >= threshold)[0]
-            rows, cols = np_soft_match(s_logits[layer, b], s_boxes[layer, b],
-                                       t_logits[t, b, keep], t_boxes[t, b, keep], softmax)  # fmt: skip
+            rows, cols = np_soft_match(
+                s_logits[layer, b], s_boxes[layer, b], t_logits[t, b, keep], t_boxes[t, b, keep],
+                softmax,
+            )
             pairs = [(i, keep[j]) for i, j in zip(rows, cols)]
             sums += np_pair_sums(s_logits[layer, b], s_boxes[layer, b], t_logits[t, b],
                                  t_boxes[t, b], pairs, softmax)  # fmt: skip
@@ -169,8 +171,10 @@ class TestDETRDistillFormulas(unittest.TestCase):
         for softmax in (False, True):
             for threshold, by_layer in ((0.0, True), (0.4, True), (0.0, False)):
                 student, teacher, *_, targets = make_inputs(1)
-                term = DETRDistillLoss(softmax=softmax, feature_weight=0.0, query_prior=False,
-                                       score_threshold=threshold, layer_by_layer=by_layer)  # fmt: skip
+                term = DETRDistillLoss(
+                    softmax=softmax, feature_weight=0.0, query_prior=False,
+                    score_threshold=threshold, layer_by_layer=by_layer,
+                )  # fmt: skip
                 self.assertEqual(term.inputs, {"detections", "targets"})
                 got = term(query_context(student, teacher, targets))
                 expected = reference_logit_losses(student, teacher, softmax, threshold, by_layer)

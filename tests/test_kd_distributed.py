@@ -49,8 +49,9 @@ def _losses(images, out_file):
         torch.manual_seed(0)  # the same adapter on every rank
         term = cls(softmax=False)
         term.bind(StandInDETR(DS, num_classes=C), StandInDETR(DT, num_classes=C))
+        pairs = [PointPair("specific", group, {}, None)]
         context = query_context(student, teacher, targets, s_mem, memory["t"][images],
-                                padding[images], pairs=[PointPair("specific", group, {}, None)])  # fmt: skip
+                                padding[images], pairs=pairs)  # fmt: skip
         losses = term(context)
         total = sum(losses.values())
         grads = torch.autograd.grad(total, [*student.values(), *group.values(), s_mem,

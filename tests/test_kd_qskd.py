@@ -43,9 +43,10 @@ def boxes(gen, *shape):
 
 def make_inputs(seed, num_logits):
     gen = torch.Generator().manual_seed(seed)
-    student = {"pred_logits": (2 * torch.randn(LS, B, Q, num_logits, generator=gen)).requires_grad_(),
+    k = num_logits
+    student = {"pred_logits": (2 * torch.randn(LS, B, Q, k, generator=gen)).requires_grad_(),
                "pred_boxes": boxes(gen, LS, B, Q).requires_grad_()}  # fmt: skip
-    teacher = {"pred_logits": (2 * torch.randn(LT, B, N, num_logits, generator=gen)).requires_grad_(),
+    teacher = {"pred_logits": (2 * torch.randn(LT, B, N, k, generator=gen)).requires_grad_(),
                "pred_boxes": boxes(gen, LT, B, N).requires_grad_(),
                "hidden_states": torch.randn(LT, B, N, DT, generator=gen)}  # fmt: skip
     s_mem = torch.randn(B, S, DS, generator=gen, requires_grad=True)
@@ -91,8 +92,10 @@ def reference(term, student, teacher, s_mem, t_mem, padding, targets, softmax):
             pairs = [(q, t_of[o]) for q, o in s_pos.items() if o in t_of]
             if s_hard and t_hard:
                 si, ti = [i for i, _ in s_hard], [i for i, _ in t_hard]
-                rows, cols = np_soft_match(s_logits[layer, b, si], s_boxes[layer, b, si],
-                                           t_logits[t, b, ti], t_boxes[t, b, ti], softmax)  # fmt: skip
+                rows, cols = np_soft_match(
+                    s_logits[layer, b, si], s_boxes[layer, b, si], t_logits[t, b, ti],
+                    t_boxes[t, b, ti], softmax,
+                )
                 pairs += [(si[r], ti[c]) for r, c in zip(rows, cols)]
                 num_hard += len(rows)
             sums += np_pair_sums(s_logits[layer, b], s_boxes[layer, b], t_logits[t, b],
@@ -152,8 +155,8 @@ class TestQSKDFormulas(unittest.TestCase):
         matching = (torch.tensor([0]), torch.tensor([0]))
         hard, hard_giou, pos_giou = select_queries(preds, target, matching, 0.0)
         self.assertEqual(hard.tolist(), [1])
-        self.assertAlmostEqual(hard_giou.item(), np_iou_giou(preds[1].numpy(), [0.5, 0.5, .2, .2])[1],
-                               places=6)  # fmt: skip
+        expected = np_iou_giou(preds[1].numpy(), [0.5, 0.5, 0.2, 0.2])[1]
+        self.assertAlmostEqual(hard_giou.item(), expected, places=6)
         self.assertAlmostEqual(pos_giou.item(), 1.0, places=6)
         self.assertLess(np_iou_giou(preds[3].numpy(), [0.5, 0.5, 0.2, 0.2])[1], 0)
         hard, _, _ = select_queries(preds, target, matching, -0.5)

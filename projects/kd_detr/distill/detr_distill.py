@@ -199,7 +199,7 @@ def check_detr_models(method: str, student, teacher, box_queries: str = "") -> N
 
 
 def _layer_outputs(outputs: Dict, layer: int) -> Dict[str, torch.Tensor]:
-    return {"pred_logits": outputs["pred_logits"][layer], "pred_boxes": outputs["pred_boxes"][layer]}
+    return {k: outputs[k][layer] for k in ("pred_logits", "pred_boxes")}
 
 
 def _suffix(layer: int, num: int) -> str:
@@ -278,7 +278,8 @@ class DETRDistillLoss(KDTerm):
         prior = "MODEL.KD.DETRDISTILL.QUERY_PRIOR" if self.query_prior else ""
         check_detr_models("DETRDistillLoss", student, teacher, prior)
         self._models = (student.criterion, teacher.criterion.matcher)
-        if self.feature_weight and self.adapter is None and student.hidden_dim != teacher.hidden_dim:
+        widths = (student.hidden_dim, teacher.hidden_dim)
+        if self.feature_weight and self.adapter is None and widths[0] != widths[1]:
             self.adapter = nn.Linear(student.hidden_dim, teacher.hidden_dim)
 
     def _targets(self, teacher: Dict) -> Tuple[List[Dict], List[torch.Tensor]]:

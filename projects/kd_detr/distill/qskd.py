@@ -147,7 +147,8 @@ class QSKDLoss(KDTerm):
         """
         check_detr_models("QSKDLoss", student, teacher)
         self._matchers = (student.criterion.matcher, teacher.criterion.matcher)
-        if self.agfd_weight and self.adapter is None and student.hidden_dim != teacher.hidden_dim:
+        widths = (student.hidden_dim, teacher.hidden_dim)
+        if self.agfd_weight and self.adapter is None and widths[0] != widths[1]:
             self.adapter = nn.Linear(student.hidden_dim, teacher.hidden_dim)
 
     def _pairs(self, s_out: Dict, t_out: Dict, targets: List[Dict]):

@@ -16,8 +16,17 @@ import torch
 
 from kd_detr.distill import DETRDistillLoss, PointPair
 
+from .common import REPO_ROOT
 from .kd_feature_helpers import demo_pair_trainer, logged_losses, term_parameter_checks
-from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_cfg, save_teacher, tiny_cfg
+from .kd_helpers import (
+    TINY_OPTS,
+    FixedBatchKDTrainer,
+    kd_cfg,
+    kd_student_cfg,
+    run_kd_step,
+    save_teacher,
+    tiny_cfg,
+)
 from .kd_query_helpers import (
     NotADETR,
     StandInDETR,
@@ -256,6 +265,20 @@ class TestDETRDistillGradients(unittest.TestCase):
         for key in a:
             self.assertEqual(a[key].item(), b[key].item(), key)
 
+    def test_float32_under_autocast(self):
+        student, teacher, s_mem, t_mem, padding, targets = make_inputs(7)
+        group = {k: v[:, :, :N] for k, v in student.items()}
+        term = bound_term(False)
+        context = query_context(student, teacher, targets, s_mem, t_mem, padding,
+                                pairs=[PointPair("specific", group, {}, None)])  # fmt: skip
+        plain = term(context)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = term(context)
+        for key, value in plain.items():
+            self.assertEqual(mixed[key].dtype, torch.float32, key)
+            self.assertAlmostEqual(mixed[key].item(), value.item(), delta=1e-6 * abs(value.item()),
+                                   msg=key)  # fmt: skip
+
     def test_equal_widths_need_no_adapter(self):
         term = DETRDistillLoss()
         term.bind(StandInDETR(4), StandInDETR(4))
@@ -355,6 +378,43 @@ class TestDETRDistillInTraining(unittest.TestCase):
             resumed.train()
             for key, value in resumed.kd_losses[0].state_dict().items():
                 self.assertTrue(torch.equal(value, final[key]), key)
+
+
+class TestDeformableAndDINO(unittest.TestCase):
+    """Both DETR-specific terms in one KD step on the multi-scale box-query variants."""
+
+    def run_step(self, config_file, box_heads=None):
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = save_teacher(tmp, config_file=config_file, box_heads=box_heads)
+            cfg = kd_student_cfg(config_file, tmp, weights)
+            cfg.merge_from_list([
+                "MODEL.KD.LOSSES", "['DETRDistillLoss', 'QSKDLoss']",
+                "MODEL.KD.GENERAL.ENABLED", "False",
+            ])  # fmt: skip
+            trainer, losses, t_calls, s_calls = run_kd_step(cfg, config_file, [])
+        self.assertEqual(trainer._trainer.kd_inputs,
+                         {"detections", "targets", "encoder_memory", "points"})  # fmt: skip
+        # (c): the student decodes exactly the teacher's queries (one extra group)
+        groups = s_calls[0]["kwargs"]["extra_query_groups"]
+        self.assertEqual(len(groups), 1)
+        torch.testing.assert_close(groups[0]["boxes"],
+                                   t_calls[0]["out"]["layers"]["reference_boxes"][0])  # fmt: skip
+        keys = [f"loss_kd_detrdistill_{p}" for p in ("cls", "l1", "giou", "feature",
+                                                     "assign_class", "assign_bbox")]  # fmt: skip
+        keys += [f"loss_kd_qskd_{p}" for p in ("cls", "l1", "giou", "agfd")]
+        for key in keys:
+            for suffix in ("", "_0"):
+                value = losses[key + suffix]
+                self.assertTrue(math.isfinite(value) and value >= 0, key + suffix)
+        self.assertGreater(losses["loss_kd_detrdistill_cls"], 0)
+        self.assertTrue(all(p.grad is None for p in trainer.teacher.parameters()))
+
+    def test_deformable_detr(self):
+        deformable = os.path.join(REPO_ROOT, "configs", "tests", "deformable_detr_tiny_parity.yaml")
+        self.run_step(deformable, box_heads=lambda m: m._heads()[1])
+
+    def test_dino(self):
+        self.run_step(os.path.join(REPO_ROOT, "configs", "tests", "dino_tiny.yaml"))
 
 
 if __name__ == "__main__":

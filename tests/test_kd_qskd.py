@@ -177,6 +177,18 @@ class TestQSKDFormulas(unittest.TestCase):
             self.assertIsNone(tensor.grad)
         self.assertTrue(all(p.grad is not None for p in term.parameters()))
 
+    def test_float32_under_autocast(self):
+        student, teacher, s_mem, t_mem, padding, targets = make_inputs(3, 3)
+        term = bound_term(False)
+        context = query_context(student, teacher, targets, s_mem, t_mem, padding)
+        plain = term(context)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = term(context)
+        for key, value in plain.items():
+            self.assertEqual(mixed[key].dtype, torch.float32, key)
+            self.assertAlmostEqual(mixed[key].item(), value.item(), delta=1e-6 * abs(value.item()),
+                                   msg=key)  # fmt: skip
+
     def test_state_dict_round_trip(self):
         student, teacher, s_mem, t_mem, padding, targets = make_inputs(2, 4)
         first, second = bound_term(True), bound_term(True)

@@ -58,6 +58,7 @@ __all__ = [
     "add_detr_distill_config",
     "check_detr_models",
     "foreground_scores",
+    "full_precision",
     "global_count",
     "masked_memory_loss",
     "matched_prediction_sums",
@@ -196,6 +197,13 @@ def check_detr_models(method: str, student, teacher, box_queries: str = "") -> N
             f"{type(student).__name__} use_focal={student.use_focal}, teacher "
             f"{type(teacher).__name__} use_focal={teacher.use_focal}"
         )
+
+
+def full_precision(context: KDContext):
+    """A block without autocast on the student's device: the terms compute in float32 (the
+    matching costs, masks and sums of many small terms), whatever the step's AMP state."""
+    device = context.student_outputs["layers"]["pred_logits"].device.type
+    return torch.autocast(device_type=device, enabled=False)
 
 
 def _layer_outputs(outputs: Dict, layer: int) -> Dict[str, torch.Tensor]:
@@ -370,9 +378,8 @@ class DETRDistillLoss(KDTerm):
         for layer in range(num_s):
             t_out = _layer_outputs(teacher, teacher_layer(layer, num_s, num_t, self.layer_by_layer))
             assignment = t_matcher(t_out, targets)
-            values = criterion.layer_losses(
-                _layer_outputs(student, layer), targets, assignment, num_boxes
-            )
+            outputs = {k: v.float() for k, v in _layer_outputs(student, layer).items()}
+            values = criterion.layer_losses(outputs, targets, assignment, num_boxes)
             for key, value in values.items():
                 name = key[len("loss_") :]
                 weight = self.assign_weight * criterion.weight_dict.get(key, 1.0)
@@ -382,11 +389,12 @@ class DETRDistillLoss(KDTerm):
         return losses
 
     def forward(self, context: KDContext) -> Dict[str, torch.Tensor]:
-        losses = self.logit_losses(context)
-        if self.feature_weight:
-            losses.update(self.feature_losses(context))
-        if self.query_prior:
-            losses.update(self.assignment_losses(context))
+        with full_precision(context):
+            losses = self.logit_losses(context)
+            if self.feature_weight:
+                losses.update(self.feature_losses(context))
+            if self.query_prior:
+                losses.update(self.assignment_losses(context))
         return losses
 
     def extra_repr(self):

@@ -41,6 +41,7 @@ from .context import KDContext
 from .detr_distill import (
     SoftLabelHungarianMatcher,
     check_detr_models,
+    full_precision,
     global_count,
     masked_memory_loss,
     matched_prediction_sums,
@@ -201,6 +202,10 @@ class QSKDLoss(KDTerm):
         return masks
 
     def forward(self, context: KDContext) -> Dict[str, torch.Tensor]:
+        with full_precision(context):
+            return self._losses(context)
+
+    def _losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
         student = context.student_outputs["layers"]
         teacher = context.teacher_detections
         num_s, num_t = student["pred_logits"].shape[0], teacher["pred_logits"].shape[0]

@@ -91,7 +91,8 @@ class KDContext:
             (query indices (n,), target indices (n,)) of each model's final detection layer.
         teacher_detections (dict or None): "detections": the teacher's detection queries at
             every decoder layer, detached: "pred_logits" (L_t, B, N, K) in the student's class
-            space, "pred_boxes" (L_t, B, N, 4) cxcywh, "hidden_states" (L_t, B, N, d_t).
+            space (softmax teachers: unmapped classes folded into the background at T = 1),
+            "pred_boxes" (L_t, B, N, 4) cxcywh, "hidden_states" (L_t, B, N, d_t).
         inputs (frozenset[str]): every input some term declared (what the pairing adds to the
             pairs depends on it, e.g. "distributions").
     """

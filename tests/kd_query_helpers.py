@@ -2,7 +2,9 @@
 """Shared pieces of the DETR-specific KD term tests (DETRDistill, QSKD): independent float64
 references (numpy; scipy's linear_sum_assignment for the matchings), hand-made contexts and
 stand-in models for ``bind``."""
+import copy
 import os
+import tempfile
 
 import numpy as np
 import torch
@@ -14,7 +16,8 @@ from kd_detr.modeling.criterion import SetCriterion
 from kd_detr.modeling.matcher import HungarianMatcher
 
 from .common import REPO_ROOT
-from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_student_cfg, save_teacher
+from .kd_feature_helpers import term_parameter_checks
+from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_cfg, kd_student_cfg, save_teacher
 
 
 def np_sigmoid(x):
@@ -166,3 +169,43 @@ def detr_trainer(tmp, *opts):
     cfg.merge_from_list(["SOLVER.MAX_ITER", "1", "MODEL.KD.LOSSES", "['DETRDistillLoss']", *opts])
     cfg.freeze()
     return FixedBatchKDTrainer(cfg)
+
+
+def check_adapter_resume(test, *opts):
+    """A tiny DAB-DETR student (d 64) distilled from a narrower teacher (d 32) by the term of
+    ``opts`` (the first KD term): its memory adapter (64 -> 32) is a term parameter in the
+    optimizer, not in the teacher, learned, checkpointed, and a run resumed from iteration 1's
+    checkpoint ends with the same adapter and student as the uninterrupted run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        narrow = ["MODEL.DETR.HIDDEN_DIM", "32"]
+        weights = save_teacher(tmp, *narrow)
+        cfg = kd_cfg(os.path.join(tmp, "run"), weights, "SOLVER.MAX_ITER", "3",
+                     "SOLVER.CHECKPOINT_PERIOD", "2", *opts)  # fmt: skip
+        cfg.defrost()
+        cfg.MODEL.KD.TEACHER.OPTS = TINY_OPTS + narrow
+        cfg.freeze()
+        trainer = FixedBatchKDTrainer(cfg)
+        term = trainer.kd_losses[0]
+        test.assertEqual(tuple(term.adapter.weight.shape), (32, 64))
+        term_parameter_checks(test, trainer, term)
+        before = term.adapter.weight.detach().clone()
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        test.assertFalse(torch.equal(term.adapter.weight, before))  # learned
+        final = copy.deepcopy(term.state_dict())
+        student = copy.deepcopy(trainer.model.state_dict())
+        saved = torch.load(os.path.join(tmp, "run", "model_0000001.pth"), weights_only=False)
+        test.assertIn("0.adapter.weight", saved["kd_losses"])
+        # Resume from iteration 1's checkpoint and train iteration 2 again: the same state.
+        with open(os.path.join(tmp, "run", "last_checkpoint"), "w") as f:
+            f.write("model_0000001.pth")
+        resumed = FixedBatchKDTrainer(cfg)
+        resumed.resume_or_load(resume=True)
+        test.assertTrue(torch.equal(resumed.kd_losses[0].adapter.weight,
+                                    saved["kd_losses"]["0.adapter.weight"]))  # fmt: skip
+        test.assertFalse(torch.equal(resumed.kd_losses[0].adapter.weight, final["adapter.weight"]))
+        resumed.train()
+        for key, value in resumed.kd_losses[0].state_dict().items():
+            test.assertTrue(torch.equal(value, final[key]), key)
+        for key, value in resumed.model.state_dict().items():
+            test.assertTrue(torch.equal(value, student[key]), key)

@@ -5,7 +5,6 @@ linear_sum_assignment) for sigmoid and softmax models; gradients to the student 
 adapter) only; start-up errors naming the method, the model and what is missing; KD steps on
 the demo pair and on vanilla (softmax) DETR; the adapter optimised, checkpointed and resumed
 exactly."""
-import copy
 import math
 import os
 import tempfile
@@ -17,19 +16,12 @@ import torch
 from kd_detr.distill import DETRDistillLoss, PointPair
 
 from .common import REPO_ROOT
-from .kd_feature_helpers import demo_pair_trainer, logged_losses, term_parameter_checks
-from .kd_helpers import (
-    TINY_OPTS,
-    FixedBatchKDTrainer,
-    kd_cfg,
-    kd_student_cfg,
-    run_kd_step,
-    save_teacher,
-    tiny_cfg,
-)
+from .kd_feature_helpers import demo_pair_trainer, logged_losses
+from .kd_helpers import kd_student_cfg, run_kd_step, save_teacher, tiny_cfg
 from .kd_query_helpers import (
     NotADETR,
     StandInDETR,
+    check_adapter_resume,
     detr_trainer,
     make_targets,
     np_gt_match,
@@ -346,38 +338,8 @@ class TestDETRDistillInTraining(unittest.TestCase):
                 self.assertTrue(math.isfinite(value) and value > 0, part)
 
     def test_adapter_optimised_checkpointed_and_resumed_exactly(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            narrow = ["MODEL.DETR.HIDDEN_DIM", "32"]
-            weights = save_teacher(tmp, *narrow)
-            cfg = kd_cfg(
-                os.path.join(tmp, "run"), weights, "MODEL.KD.LOSSES", "['DETRDistillLoss']",
-                "MODEL.KD.GENERAL.ENABLED", "False", "SOLVER.MAX_ITER", "3",
-                "SOLVER.CHECKPOINT_PERIOD", "2",
-            )  # fmt: skip
-            cfg.defrost()
-            cfg.MODEL.KD.TEACHER.OPTS = TINY_OPTS + narrow
-            cfg.freeze()
-            trainer = FixedBatchKDTrainer(cfg)
-            term = trainer.kd_losses[0]
-            self.assertEqual(tuple(term.adapter.weight.shape), (32, 64))
-            term_parameter_checks(self, trainer, term)
-            before = term.adapter.weight.detach().clone()
-            trainer.resume_or_load(resume=False)
-            trainer.train()
-            self.assertFalse(torch.equal(term.adapter.weight, before))  # learned
-            final = copy.deepcopy(term.state_dict())
-            saved = torch.load(os.path.join(tmp, "run", "model_0000001.pth"), weights_only=False)
-            self.assertIn("0.adapter.weight", saved["kd_losses"])
-            # Resume from iteration 1's checkpoint and train iteration 2 again: the same state.
-            with open(os.path.join(tmp, "run", "last_checkpoint"), "w") as f:
-                f.write("model_0000001.pth")
-            resumed = FixedBatchKDTrainer(cfg)
-            resumed.resume_or_load(resume=True)
-            self.assertTrue(torch.equal(resumed.kd_losses[0].adapter.weight,
-                                        saved["kd_losses"]["0.adapter.weight"]))  # fmt: skip
-            resumed.train()
-            for key, value in resumed.kd_losses[0].state_dict().items():
-                self.assertTrue(torch.equal(value, final[key]), key)
+        check_adapter_resume(self, "MODEL.KD.LOSSES", "['DETRDistillLoss']",
+                             "MODEL.KD.GENERAL.ENABLED", "False")  # fmt: skip
 
 
 class TestDeformableAndDINO(unittest.TestCase):

@@ -5,7 +5,6 @@ sigmoid and softmax models; gradients to the student (and the adapter) only; sta
 naming the method, the model and what is missing; KD steps on the demo pair and on vanilla
 (softmax) DETR; the adapter in the optimizer and the checkpoint."""
 import math
-import os
 import tempfile
 import unittest
 
@@ -14,11 +13,12 @@ import torch
 
 from kd_detr.distill import QSKDLoss, select_queries
 
-from .kd_feature_helpers import demo_pair_trainer, logged_losses, term_parameter_checks
-from .kd_helpers import TINY_OPTS, FixedBatchKDTrainer, kd_cfg, save_teacher, tiny_cfg
+from .kd_feature_helpers import demo_pair_trainer, logged_losses
+from .kd_helpers import tiny_cfg
 from .kd_query_helpers import (
     NotADETR,
     StandInDETR,
+    check_adapter_resume,
     detr_trainer,
     make_targets,
     np_gt_match,
@@ -245,24 +245,8 @@ class TestQSKDInTraining(unittest.TestCase):
                 value = losses[f"loss_kd_qskd_{part}"]
                 self.assertTrue(math.isfinite(value) and value >= 0, part)
 
-    def test_adapter_in_optimizer_and_checkpoint(self):
-        with tempfile.TemporaryDirectory() as tmp:
-            narrow = ["MODEL.DETR.HIDDEN_DIM", "32"]
-            weights = save_teacher(tmp, *narrow)
-            cfg = kd_cfg(os.path.join(tmp, "run"), weights, "MODEL.KD.LOSSES", "['QSKDLoss']",
-                         "SOLVER.MAX_ITER", "1")  # fmt: skip
-            cfg.defrost()
-            cfg.MODEL.KD.TEACHER.OPTS = TINY_OPTS + narrow
-            cfg.freeze()
-            trainer = FixedBatchKDTrainer(cfg)
-            term = trainer.kd_losses[0]
-            self.assertEqual(tuple(term.adapter.weight.shape), (32, 64))
-            term_parameter_checks(self, trainer, term)
-            trainer.resume_or_load(resume=False)
-            trainer.train()
-            saved = torch.load(os.path.join(tmp, "run", "model_final.pth"), weights_only=False)
-            self.assertTrue(torch.equal(saved["kd_losses"]["0.adapter.weight"],
-                                        term.adapter.weight.detach()))  # fmt: skip
+    def test_adapter_optimised_checkpointed_and_resumed_exactly(self):
+        check_adapter_resume(self, "MODEL.KD.LOSSES", "['QSKDLoss']")
 
 
 if __name__ == "__main__":

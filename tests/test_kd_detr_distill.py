@@ -201,7 +201,7 @@ class TestDETRDistillFormulas(unittest.TestCase):
             gen = torch.Generator().manual_seed(4)
             group = {"pred_logits": torch.randn(LS, B, N, K, generator=gen, requires_grad=True),
                      "pred_boxes": random_boxes(gen, LS, B, N).requires_grad_()}  # fmt: skip
-            targets = make_targets(gen, (2, 1), K - int(softmax))
+            targets = make_targets(gen, (2, 1) if softmax else (2, 0), K - int(softmax))
             term = bound_term(softmax, feature_weight=0.0, assign_weight=0.5)
             self.assertEqual(term.inputs, {"detections", "targets", "points"})
             pair = PointPair("specific", group, {}, None)

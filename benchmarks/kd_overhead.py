@@ -27,10 +27,12 @@ groups' decoder activations are recomputed in the backward pass instead of kept.
 ``--losses NAME [NAME ...]`` sets ``MODEL.KD.LOSSES`` of the KD configurations (default: the
 recipe's, KD-DETR's point terms), e.g. ``--losses KDDETRLoss FGDLoss``; the terms are bound to
 both models and their parameters (adapters, generation blocks) optimised, as in the KD trainer.
-A term's own keys keep their defaults (FGD / MGD / KDEP distil "res5").
+A term's own keys keep their defaults (FGD / MGD / KDEP distil "res5"); ``--opts KEY VALUE ...``
+merges further keys into the KD configurations, e.g. ``--losses DETRDistillLoss --opts
+MODEL.KD.GENERAL.ENABLED False`` (DETRDistill's query-prior group is the teacher's queries alone).
 
 Usage: python benchmarks/kd_overhead.py [--steps 5] [--warmup 2] [--threads N] [--size 512]
-           [--group-checkpoint] [--losses NAME [NAME ...]]
+           [--group-checkpoint] [--losses NAME [NAME ...]] [--opts KEY VALUE ...]
 """
 import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
 
@@ -62,7 +64,8 @@ def peak_rss_mib():
 
 
 def build_cfg(
-    teacher_weights, group_decoding, num_points=300, group_checkpoint=False, losses=None
+    teacher_weights, group_decoding, num_points=300, group_checkpoint=False, losses=None,
+    opts=(),
 ):
     from kd_detr.config import load_config
 
@@ -82,6 +85,7 @@ def build_cfg(
     cfg.MODEL.KD.TEACHER.OPTS = no_pretrained + ["MODEL.DETR.GROUP_DECODING", group_decoding]
     if losses:
         cfg.MODEL.KD.LOSSES = list(losses)
+    cfg.merge_from_list(list(opts))
     return cfg
 
 
@@ -167,7 +171,8 @@ def worker(name, args):
     extra = {}
     decoding = "separate" if name == "kd_separate" else "masked"
     cfg = build_cfg(
-        args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint, losses=args.losses
+        args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint, losses=args.losses,
+        opts=args.opts,
     )
     data = batch(args.size)
     torch.manual_seed(0)
@@ -262,6 +267,10 @@ def parse_args(argv=None):
         "--losses", nargs="+", metavar="NAME", default=None,
         help="MODEL.KD.LOSSES of the KD configurations (default: the recipe's)",
     )  # fmt: skip
+    parser.add_argument(
+        "--opts", nargs="+", metavar="KEY VALUE", default=[],
+        help="further config keys of the KD configurations, e.g. MODEL.KD.GENERAL.ENABLED False",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-weights", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -283,6 +292,7 @@ def main(argv=None):
                    "--size", str(args.size)]  # fmt: skip
             cmd += ["--group-checkpoint"] if args.group_checkpoint else []
             cmd += ["--losses", *args.losses] if args.losses else []
+            cmd += ["--opts", *args.opts] if args.opts else []
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
             if out.returncode != 0 or not lines:

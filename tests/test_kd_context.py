@@ -17,6 +17,8 @@ from kd_detr.distill import (
     KD_PAIRING_REGISTRY,
     DistillableDETR,
     KDTerm,
+    Teacher,
+    build_kd_context,
     check_distillable,
     encoder_memory,
     missing_members,
@@ -161,6 +163,34 @@ class TestKDContext(unittest.TestCase):
         expected = teacher.criterion.matcher(t_final, ctx.targets)
         for (q, t), (eq, et) in zip(ctx.teacher_matching, expected):
             self.assertTrue(torch.equal(q, eq) and torch.equal(t, et))
+
+    def test_teacher_detections_only_when_declared(self):
+        """"detections": every layer of the teacher's detection queries, detached, logits in the
+        student's classes (a softmax teacher's unmapped classes folded at T = 1)."""
+
+        class SoftmaxTeacher(nn.Module):
+            use_focal = False
+
+        teacher = Teacher(SoftmaxTeacher(), None, class_index=[2, 0], temperature=10.0)
+        gen = torch.Generator().manual_seed(0)
+        layers = {"pred_logits": torch.randn(2, 1, 3, 4, generator=gen, requires_grad=True),
+                  "pred_boxes": torch.rand(2, 1, 3, 4, generator=gen),
+                  "hidden_states": torch.randn(2, 1, 3, 5, generator=gen)}  # fmt: skip
+        batch = [{"image": torch.zeros(3, 8, 8)}]
+
+        def context(inputs):
+            return build_kd_context(0, batch, {}, {"layers": layers}, frozenset(inputs),
+                                    student=None, teacher=teacher)  # fmt: skip
+
+        self.assertIsNone(context({"points"}).teacher_detections)
+        det = context({"detections"}).teacher_detections
+        self.assertEqual(set(det), {"pred_logits", "pred_boxes", "hidden_states"})
+        self.assertFalse(det["pred_logits"].requires_grad)
+        self.assertTrue(torch.equal(det["pred_boxes"], layers["pred_boxes"]))
+        p_teacher = layers["pred_logits"].detach().double().softmax(-1)
+        p_student = det["pred_logits"].double().softmax(-1)  # classes (teacher 2, teacher 0, bg)
+        torch.testing.assert_close(p_student[..., :2], p_teacher[..., [2, 0]])
+        torch.testing.assert_close(p_student[..., 2], p_teacher[..., [1, 3]].sum(-1))
 
     def test_term_with_unknown_input_is_rejected(self):
         with self.assertRaisesRegex(TypeError, "unknown entries.*'gradients'"):

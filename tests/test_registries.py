@@ -24,9 +24,9 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(
             CONFIG_EXTENSION_REGISTRY.names(),
             [
-                "modeling", "distill", "distill_ctkd", "distill_ddf", "distill_dkd", "distill_ema",
-                "distill_fgd", "distill_fitnet", "distill_kdep", "distill_incremental",
-                "distill_mgd", "distill_mlkd",
+                "modeling", "distill", "distill_ctkd", "distill_detrdistill", "distill_ddf",
+                "distill_dkd", "distill_ema", "distill_fgd", "distill_fitnet", "distill_kdep",
+                "distill_incremental", "distill_mgd", "distill_mlkd", "distill_qskd",
                 "distill_boxes", "ov", "engine",
             ],  # fmt: skip
         )
@@ -40,7 +40,8 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(set(TRAIN_MAPPER_REGISTRY.names()), {"DETR_CROP", "VILD_REGIONS"})
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
         terms = ("KDDETRLoss", "DKDLoss", "FitNetLoss", "CTKDLoss", "MLKDLoss", "FGDLoss",
-                 "MGDLoss", "KDEPLoss", "DistributionKDLoss", "MaskedFeatureKDLoss")  # fmt: skip
+                 "MGDLoss", "KDEPLoss", "DistributionKDLoss", "MaskedFeatureKDLoss",
+                 "DETRDistillLoss", "QSKDLoss")  # fmt: skip
         for term in terms:
             self.assertIn(term, KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 5)

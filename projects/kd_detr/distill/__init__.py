@@ -25,6 +25,13 @@ from .class_mapping import (
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
+from .detr_distill import (
+    DETRDistillLoss,
+    SoftLabelHungarianMatcher,
+    add_detr_distill_config,
+    soft_class_loss,
+    teacher_layer,
+)
 from .distribution_kd import (
     DDF_MATCHING,
     DistributionKDLoss,
@@ -62,6 +69,7 @@ from .pairing import (
     build_pairing,
 )
 from .points import DISTRIBUTIONS, DistillationPointSampler, specific_points
+from .qskd import QSKDLoss, add_qskd_config, select_queries
 from .registry import KD_LOSS_REGISTRY, build_kd_losses
 from .step import build_kd_context, kd_inputs
 from .teacher import (

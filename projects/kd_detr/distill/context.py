@@ -21,9 +21,13 @@ __all__ = ["KD_INPUTS", "KDContext", "PointPair", "encoder_memory"]
 #       keep them only when asked);
 #   "encoder_memory": :func:`encoder_memory` of both models (always available, nothing to keep);
 #   "distributions": the paired point groups also carry both models' box distributions
-#       (implies "points"; models with "pred_corners", e.g. D-FINE, see :class:`PointPair`).
+#       (implies "points"; models with "pred_corners", e.g. D-FINE, see :class:`PointPair`);
+#   "detections": ``teacher_detections``, the teacher's detection-query outputs of every decoder
+#       layer with its logits in the student's class space (DETR-specific methods that match
+#       the student's detection queries to the teacher's, e.g. DETRDistill, QSKD).
 KD_INPUTS = (
     "points", "targets", "matching", "backbone_features", "encoder_memory", "distributions",
+    "detections",
 )  # fmt: skip
 
 
@@ -85,6 +89,10 @@ class KDContext:
             classes and "boxes" (T, 4) normalised cxcywh.
         student_matching, teacher_matching (list[tuple] or None): "matching": per image
             (query indices (n,), target indices (n,)) of each model's final detection layer.
+        teacher_detections (dict or None): "detections": the teacher's detection queries at
+            every decoder layer, detached: "pred_logits" (L_t, B, N, K) in the student's class
+            space (softmax teachers: unmapped classes folded into the background at T = 1),
+            "pred_boxes" (L_t, B, N, 4) cxcywh, "hidden_states" (L_t, B, N, d_t).
         inputs (frozenset[str]): every input some term declared (what the pairing adds to the
             pairs depends on it, e.g. "distributions").
     """
@@ -99,6 +107,7 @@ class KDContext:
     targets: Optional[List[Dict[str, torch.Tensor]]] = None
     student_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
     teacher_matching: Optional[List[Tuple[torch.Tensor, torch.Tensor]]] = None
+    teacher_detections: Optional[Dict[str, torch.Tensor]] = None
     inputs: FrozenSet[str] = frozenset()
 
     def backbone_features(self, role: str) -> Dict[str, torch.Tensor]:

@@ -29,7 +29,9 @@ Declaration:
     ``inputs`` (class attribute): the subset of ``KD_INPUTS`` the term reads from the context:
     "points" (paired point groups), "targets" (ground truth), "matching" (Hungarian matching of
     each model to the ground truth), "backbone_features", "encoder_memory", "distributions"
-    (the point pairs also carry both models' box distributions, see below; implies "points").
+    (the point pairs also carry both models' box distributions, see below; implies "points"),
+    "detections" (the teacher's detection queries at every decoder layer, logits in the
+    student's class space).
     The trainer computes or keeps only what some configured term declared, so KD-DETR's step
     costs what it costs alone; it checks at start-up that both models can provide it (and that
     the pairing ``provides`` "distributions").

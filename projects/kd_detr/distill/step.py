@@ -5,6 +5,7 @@ from typing import Dict, FrozenSet, Iterable, List
 
 import torch
 
+from .class_mapping import map_teacher_logits
 from .context import KDContext
 from .pairing import KDPairing
 from .teacher import Teacher
@@ -87,4 +88,14 @@ def build_kd_context(
         context.teacher_matching = _matching(
             teacher.model.criterion.matcher, t_final, context.targets
         )
+    if "detections" in inputs:
+        layers = teacher_outputs["layers"]
+        keys = [k for k in ("pred_logits", "pred_boxes", "hidden_states") if k in layers]
+        detections = {k: layers[k].detach() for k in keys}
+        # Unmapped softmax classes fold into the background at T = 1 (these methods have no
+        # temperature): softmax of the mapped logits is the teacher's class marginal.
+        detections["pred_logits"] = map_teacher_logits(
+            detections["pred_logits"], teacher.class_index, teacher.softmax, 1.0
+        )
+        context.teacher_detections = detections
     return context

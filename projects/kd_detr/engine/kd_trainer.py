@@ -284,7 +284,13 @@ class KDTrainer(Trainer):
     def _build_inner_trainer(self, cfg, model, data_loader, optimizer, amp: bool, **kwargs):
         if self.teacher is None:  # MODEL.KD.TEACHER.EMA: a copy of the unwrapped student
             self.teacher = EMATeacher.from_student(cfg, unwrap(model))
-        self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
+        try:
+            self.pairing = build_pairing(cfg, student=unwrap(model), teacher=self.teacher)
+        except ValueError:
+            # A term that needs what a model lacks says so first, naming its method.
+            for term in self.kd_losses:
+                term.bind(unwrap(model), self.teacher.model)
+            raise
         check_terms_fit_pairing(self.kd_losses, self.pairing)
         for term in self.kd_losses:  # terms whose parameters depend on the models' shapes
             term.bind(unwrap(model), self.teacher.model)

@@ -203,6 +203,72 @@ class TestStatistics(unittest.TestCase):
         self.assertTrue(np.isnan(paired_difference({0: 1.0}, {0: 0.5})["low"]))
 
 
+class TestMetrics(unittest.TestCase):
+    """``metrics:`` of an arms file: the tables report those box metrics (e.g. the incremental
+    evaluator's AP-base / AP-novel) with the same statistics as AP."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="kd_bench_")
+        self.addCleanup(shutil.rmtree, self.tmp, ignore_errors=True)
+
+    def _bench(self, metrics_line):
+        arms = _write(
+            os.path.join(self.tmp, "arms.yaml"),
+            f"teacher: {{config: {TEACHER}, iters: 2}}\niters: 2\nseeds: [0, 1]\n"
+            f"baseline: no_kd\n{metrics_line}arms:\n"
+            f"  - {{name: no_kd, config: {STUDENT}}}\n  - {{name: kd, config: {KD}}}\n",
+        )
+        args = kd_bench.parse_args([arms, "--output", os.path.join(self.tmp, "out"),
+                                    "--teacher-cache", "none", "--dry-run"])  # fmt: skip
+        return kd_bench.Bench(load_arms(arms), args, arms)
+
+    def test_chosen_metrics_in_summary_and_tables(self):
+        from bench import write_markdown
+
+        bench = self._bench("metrics: [AP, AP-novel]\n")
+        self.assertEqual(bench.metrics, ("AP", "AP-novel"))
+        values = {("no_kd", 0): (40.0, 10.0), ("no_kd", 1): (42.0, 14.0),
+                  ("kd", 0): (45.0, 11.0), ("kd", 1): (44.0, 19.0)}  # fmt: skip
+        for run in bench.runs:
+            ap, novel = values[(run["arm"], run["seed"])]
+            run.update(state="finished", seconds=1.0,
+                       bbox={"AP": ap, "AP50": 0.0, "AP75": 0.0, "AP-novel": novel})
+            bench.check_metrics(run)
+        result = bench.result(0.0)
+        self.assertEqual(result["metrics"], ["AP", "AP-novel"])
+        kd = next(a for a in result["summary"]["arms"] if a["name"] == "kd")
+        self.assertAlmostEqual(kd["stats"]["AP-novel"]["mean"], 15.0)
+        self.assertAlmostEqual(kd["diff"]["AP-novel"]["mean"], ((11 - 10) + (19 - 14)) / 2)
+        self.assertAlmostEqual(kd["diff"]["AP"]["mean"], ((45 - 40) + (44 - 42)) / 2)
+        self.assertNotIn("AP50", kd["stats"])
+        path = os.path.join(self.tmp, "r.md")
+        write_markdown(result, path)
+        with open(path) as f:
+            text = f.read()
+        self.assertIn("AP-novel (mean ± std)", text)
+        self.assertIn("| run | seed | AP | AP-novel | seconds |", text)
+        self.assertIn("15.0 ± 5.7", text)  # kd's AP-novel: mean 15, std sqrt(32)
+
+    def test_a_metric_the_evaluator_does_not_report_is_named(self):
+        bench = self._bench("metrics: [AP, AP-base]\n")
+        run = bench.runs[0]
+        run.update(bbox={"AP": 1.0, "AP50": 2.0, "AP75": 0.5})
+        with self.assertRaises(BenchError) as ctx:
+            bench.check_metrics(run)
+        for text in ("AP-base", "no_kd", "coco_incremental", "AP75"):
+            self.assertIn(text, str(ctx.exception))
+        self.assertEqual(self._bench("").metrics, ("AP", "AP50", "AP75"))
+        from bench.runs import bbox  # a run's record keeps every finite metric it reported
+
+        final = {"results": {"val": {"bbox": {"AP": 1.0, "AP50": 2.0, "AP75": 0.5, "APl": None,
+                                              "AP-base": 3.0, "AP-novel": float("nan")}}}}
+        self.assertEqual(bbox(final), {"AP": 1.0, "AP50": 2.0, "AP75": 0.5, "AP-base": 3.0})
+        with self.assertRaises(BenchError) as ctx:
+            load_arms(_write(os.path.join(self.tmp, "bad.yaml"),
+                             f"metrics: AP\narms:\n  - {{name: x, config: {STUDENT}}}\n"))
+        self.assertIn("'metrics' must be a list", str(ctx.exception))  # fmt: skip
+
+
 class TestPlan(unittest.TestCase):
     """Planning only (--dry-run): datasets and classes resolved, nothing trained."""
 

@@ -157,6 +157,7 @@ class Bench(BenchResultsMixin):
             self.arms = [a for a in spec.arms if a.name in args.arms]
         self.iters = _pick(getattr(args, "iters", None), spec.iters)
         self.seeds = _pick(args.seeds, spec.seeds, [0])
+        self.metrics = tuple(spec.metrics or METRICS)
         names = [a.name for a in self.arms]
         self.baseline = getattr(args, "baseline", None)
         if self.baseline is None:  # the file's baseline, unless --arms left it out
@@ -430,8 +431,9 @@ class Bench(BenchResultsMixin):
                                record={k: run[k] for k in ("arm", "seed", "config", "opts")})
             # fmt: skip
             run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+            self.check_metrics(run)
             print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
-                f"{k} {record['bbox'][k]:.1f}" for k in METRICS), flush=True)  # fmt: skip
+                f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
             self.write_results(time.perf_counter() - start, charts=False)
         return self.write_results(time.perf_counter() - start)
 

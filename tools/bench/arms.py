@@ -11,6 +11,8 @@ defaults next to it (every default can be overridden on the command line)::
     iters: 300                   # iterations of every arm, the same schedule for all
     seeds: [0, 1, 2]
     baseline: no_kd              # paired differences are taken to this arm
+    metrics: [AP, AP50, AP75]    # optional: the box metrics of the tables (default these three;
+                                 # any key of the evaluator's results, e.g. AP-base, AP-novel)
     data:                        # optional dataset switch (kd_bench.py --train / --test ...)
       train: $KD_DETR_SHARED_DATA/bccd
       test: $KD_DETR_SHARED_DATA/bccd
@@ -38,7 +40,7 @@ __all__ = ["Arm", "BenchError", "BenchSpec", "flat_opts", "load_arms"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ARM_KEYS = {"name", "config", "opts", "label", "init_from_teacher"}
-_TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data"}
+_TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data", "metrics"}
 _TEACHER_KEYS = {"config", "iters", "opts", "weights"}
 DATA_KEYS = ("train", "test", "train_images", "test_images", "train_split", "test_split", "classes")
 
@@ -74,6 +76,7 @@ class BenchSpec:
     iters: Optional[int] = None
     seeds: Optional[List[int]] = None
     baseline: Optional[str] = None
+    metrics: Optional[List[str]] = None
     data: dict = field(default_factory=dict)
 
 
@@ -154,6 +157,12 @@ def load_arms(path):
         seeds = content.get("seeds")
         spec.seeds = [seeds] if isinstance(seeds, int) else seeds
         spec.baseline = content.get("baseline")
+        metrics = content.get("metrics")
+        if metrics is not None and (not isinstance(metrics, list) or not metrics
+                                    or not all(isinstance(m, str) and m for m in metrics)):
+            raise BenchError(f"{path}: 'metrics' must be a list of metric names such as "
+                             f"[AP, AP50, AP75], got {metrics!r}")  # fmt: skip
+        spec.metrics = metrics
         data = content.get("data") or {}
         if not isinstance(data, dict):
             raise BenchError(f"{path}: 'data' must be a mapping with keys {list(DATA_KEYS)}")

@@ -3,11 +3,20 @@
 import math
 
 __all__ = [
-    "duration", "fmt", "print_tables", "run_rows", "summary_rows", "write_chart", "write_markdown",
+    "METRICS", "duration", "fmt", "metrics_of", "print_tables", "run_rows", "summary_rows",
+    "write_chart", "write_markdown",
 ]  # fmt: skip
 
-METRICS = ("AP", "AP50", "AP75")
-SUMMARY_HEADERS = ["arm", "seeds", *[f"{k} (mean ± std)" for k in METRICS]]
+METRICS = ("AP", "AP50", "AP75")  # the default metrics of a bench (arms file ``metrics:``)
+
+
+def metrics_of(result):
+    """The metrics a bench reports (``result["metrics"]``; results written before it: METRICS)."""
+    return tuple(result.get("metrics") or METRICS)
+
+
+def summary_headers(result):
+    return ["arm", "seeds", *[f"{k} (mean ± std)" for k in metrics_of(result)]]
 
 
 def fmt(value, digits=1, sign=False):
@@ -31,16 +40,17 @@ def _diff(d):
 def run_rows(result):
     """Rows of the per-run table: the teacher first, then every run."""
     rows = []
+    metrics = metrics_of(result)
     teacher = result.get("teacher")
     if teacher and teacher.get("bbox"):
         seconds = "cached" if teacher["state"] == "cached" else teacher.get("seconds", "-")
         title = "teacher" + (f" ({teacher['state']})" if teacher["state"] != "trained" else "")
-        rows.append([title, "-", teacher["iters"], *[fmt(teacher["bbox"][k]) for k in METRICS],
+        rows.append([title, "-", teacher["iters"], *[fmt(teacher["bbox"].get(k)) for k in metrics],
                      seconds])  # fmt: skip
     for run in result["runs"]:
         bbox = run.get("bbox") or {}
         rows.append([run["title"], run["seed"], result["iters"],
-                     *[fmt(bbox.get(k)) for k in METRICS], run.get("seconds", "-")])  # fmt: skip
+                     *[fmt(bbox.get(k)) for k in metrics], run.get("seconds", "-")])  # fmt: skip
     return rows
 
 
@@ -48,16 +58,18 @@ def summary_rows(result):
     """Rows of the per-arm table: mean ± std over seeds and the paired difference to the
     baseline with its 95% t-interval, per metric."""
     rows = []
+    metrics = metrics_of(result)
     for arm in result["summary"]["arms"]:
-        row = [arm["title"], arm["n"]] + [_mean_std(arm["stats"][k]) for k in METRICS]
-        row += [_diff(arm["diff"][k]) if arm.get("diff") else "(baseline)" for k in METRICS]
+        row = [arm["title"], arm["n"]] + [_mean_std(arm["stats"][k]) for k in metrics]
+        row += [_diff(arm["diff"][k]) if arm.get("diff") else "(baseline)" for k in metrics]
         rows.append(row)
     return rows
 
 
 def write_markdown(result, path):
     baseline = result["summary"]["baseline"]
-    headers = SUMMARY_HEADERS + [f"Δ{k} vs {baseline} [95% CI]" for k in METRICS]
+    metrics = metrics_of(result)
+    headers = summary_headers(result) + [f"Δ{k} vs {baseline} [95% CI]" for k in metrics]
     lines = [
         f"# KD bench: {result['arms_file']}",
         "",
@@ -71,7 +83,7 @@ def write_markdown(result, path):
         lines += [
             f"Teacher: `{teacher['config']}`, {teacher['iters']} iterations ({teacher['state']}, "
             f"`{teacher['weights']}`): " + ", ".join(
-                f"{k} {fmt(teacher['bbox'][k])}" for k in METRICS)
+                f"{k} {fmt(teacher['bbox'].get(k))}" for k in metrics)
             + (f"; weights sha256 `{teacher['weights_sha256']}`"
                if teacher.get("weights_sha256") else ""),
             "",
@@ -91,12 +103,12 @@ def write_markdown(result, path):
     ]
     for arm in result["arms"]:
         lines.append(f"| {arm['name']} | `{arm['config']}` | `{' '.join(arm['opts']) or '-'}` |")
-    lines += ["", "| run | seed | AP | AP50 | AP75 | seconds | state | config hash |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    run_headers = ["run", "seed", *metrics, "seconds", "state", "config hash"]
+    lines += ["", "| " + " | ".join(run_headers) + " |", "|" + " --- |" * len(run_headers)]
     for run in result["runs"]:
         bbox = run.get("bbox") or {}
         lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(
-            fmt(bbox.get(k)) for k in METRICS) + f" | {run.get('seconds', '-')} | "
+            fmt(bbox.get(k)) for k in metrics) + f" | {run.get('seconds', '-')} | "
             f"{run.get('state') or 'to train'} | {run['hash']} |")  # fmt: skip
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -139,11 +151,12 @@ def print_tables(result):
     """The per-run table (teacher first) and the per-arm table, on the console."""
     from tabulate import tabulate
 
-    headers = ["model", "seed", "iters", *(f"{k} (%)" for k in METRICS), "train + eval s"]
+    metrics = metrics_of(result)
+    headers = ["model", "seed", "iters", *(f"{k} (%)" for k in metrics), "train + eval s"]
     print()
     print(tabulate(run_rows(result), headers=headers))
     baseline = result["summary"]["baseline"]
     print(f"\nper arm, paired difference to {baseline!r} with 95% t-interval over seeds:")
     print(tabulate(summary_rows(result),
-                   headers=SUMMARY_HEADERS + [f"Δ{k}" for k in METRICS]))  # fmt: skip
+                   headers=summary_headers(result) + [f"Δ{k}" for k in metrics]))  # fmt: skip
     print(f"whole job: {result['job_seconds']:.0f} s")

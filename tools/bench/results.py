@@ -6,9 +6,15 @@ import json
 import os
 
 from .arms import BenchError
-from .report import METRICS, write_chart, write_markdown
+from .report import write_chart, write_markdown
 from .runs import finished_run
 from .stats import arm_stats, paired_difference
+
+
+def _by_seed(values, metric):
+    """{seed: value} of one metric over an arm's {seed: box metrics} (runs recorded without the
+    metric, e.g. before an arms file asked for it, are left out)."""
+    return {seed: v[metric] for seed, v in values.items() if metric in v}
 
 
 class BenchResultsMixin:
@@ -52,6 +58,18 @@ class BenchResultsMixin:
             if record:
                 run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
 
+    def check_metrics(self, run):
+        """A finished run reports every metric of the bench (arms file ``metrics:``), else stop
+        naming the run and the metrics its evaluator does report (its record stays)."""
+        missing = [k for k in self.metrics if k not in run["bbox"]]
+        if missing:
+            raise BenchError(
+                f"arm {run['arm']!r} seed {run['seed']}: its evaluation reports no {missing} "
+                f"(it reports {sorted(run['bbox'])}); choose the metrics of the arms file "
+                "('metrics:') among these, or set the evaluator that computes them "
+                "(TEST.EVALUATOR, e.g. coco_incremental for AP-base / AP-novel)"
+            )
+
     def summary(self):
         per_arm = {}
         for run in self.runs:
@@ -62,12 +80,11 @@ class BenchResultsMixin:
         for arm in self.arms:
             values = per_arm.get(arm.name, {})
             entry = {"name": arm.name, "title": arm.title, "n": len(values),
-                     "stats": {k: arm_stats([v[k] for v in values.values()]) for k in METRICS}}
-            # fmt: skip
+                     "stats": {k: arm_stats(list(_by_seed(values, k).values()))
+                               for k in self.metrics}}  # fmt: skip
             if arm.name != self.baseline:
-                entry["diff"] = {k: paired_difference({s: v[k] for s, v in values.items()},
-                                                      {s: v[k] for s, v in base.items()})
-                                 for k in METRICS}  # fmt: skip
+                entry["diff"] = {k: paired_difference(_by_seed(values, k), _by_seed(base, k))
+                                 for k in self.metrics}  # fmt: skip
             arms.append(entry)
         return {"baseline": self.baseline, "arms": arms}
 
@@ -79,6 +96,7 @@ class BenchResultsMixin:
         classes = data.classes if data else (self.runs[0]["classes"] or [])
         return {
             "arms_file": self.arms_file, "iters": self.iters, "seeds": self.seeds,
+            "metrics": list(self.metrics),
             "arms": [{"name": a.name, "config": a.config, "opts": a.opts} for a in self.arms],
             "overrides": list(self.args.opts or []),
             "data": {"train": data.train.source if data else self.runs[0]["datasets"][0],

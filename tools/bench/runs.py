@@ -3,6 +3,7 @@
 records (``bench_run.json``) and the teacher cache."""
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -114,9 +115,14 @@ def default_teacher_cache():
 
 
 def bbox(metrics):
-    """AP, AP50, AP75 of a metrics_final.json content (its first dataset)."""
+    """The box metrics of a metrics_final.json content (its first dataset): AP, AP50, AP75 and
+    every other finite number its evaluator reported (APs, per-class AP, the incremental
+    evaluator's AP-base / AP-novel, ...)."""
     values = next(iter(metrics["results"].values()))["bbox"]
-    return {k: values[k] for k in ("AP", "AP50", "AP75")}
+    out = {k: values[k] for k in ("AP", "AP50", "AP75")}
+    out.update({k: v for k, v in values.items() if k not in out and isinstance(v, (int, float))
+                and math.isfinite(v)})  # fmt: skip
+    return out
 
 
 def finished_run(out_dir, expected_hash):

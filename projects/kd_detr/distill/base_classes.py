@@ -3,19 +3,14 @@
 ``masked_feature.py``): the checked ids and the logit indices the class terms keep."""
 from typing import List, Optional, Sequence
 
-from ..modeling.num_classes import num_classes_key
+from ..modeling.num_classes import num_classes
 
 __all__ = ["base_class_indices", "config_base_classes", "student_num_classes"]
 
 
 def student_num_classes(cfg) -> Optional[int]:
-    key = num_classes_key(cfg)
-    if key is None:
-        return None
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    return int(value)
+    """The class count of the model ``cfg`` builds (None for an unknown meta-architecture)."""
+    return num_classes(cfg)
 
 
 def config_base_classes(cfg) -> List[int]:

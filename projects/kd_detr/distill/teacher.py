@@ -20,7 +20,7 @@ from detectron2.structures import ImageList
 from ..checkpoint import SafeCheckpointer
 from ..config import load_config
 from ..data import register_from_config
-from ..modeling.num_classes import num_classes_key
+from ..modeling.num_classes import num_classes
 from .class_mapping import build_class_mapping, map_teacher_logits
 from .losses import final_layer_targets
 from .weights import foreground_weights
@@ -173,16 +173,6 @@ def _class_names(cfg) -> Optional[List[str]]:
     return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
 
 
-def _num_classes(cfg) -> Optional[int]:
-    key = num_classes_key(cfg)
-    if key is None:
-        return None
-    value = cfg
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
 def teacher_class_index(cfg, teacher_cfg, teacher_config_file: str = "") -> Optional[List[int]]:
     """Teacher class of every student class, from the class names of both configs' first
     training dataset and ``MODEL.KD.CLASS_MAPPING`` (see :func:`build_class_mapping`).
@@ -200,7 +190,7 @@ def teacher_class_index(cfg, teacher_cfg, teacher_config_file: str = "") -> Opti
     student, teacher = _class_names(cfg), _class_names(teacher_cfg)
     where = f"teacher config {teacher_config_file!r}" if teacher_config_file else "teacher config"
     if student is None or teacher is None:
-        s_num, t_num = _num_classes(cfg), _num_classes(teacher_cfg)
+        s_num, t_num = num_classes(cfg), num_classes(teacher_cfg)
         side = "student" if student is None else "teacher"
         if entries or s_num != t_num:
             raise ValueError(

@@ -4,7 +4,7 @@ from typing import Optional
 
 from detectron2.data import MetadataCatalog
 
-__all__ = ["check_num_classes", "num_classes_key", "uses_open_vocabulary"]
+__all__ = ["check_num_classes", "num_classes", "num_classes_key", "uses_open_vocabulary"]
 
 # Config key holding the class count of each Detectron2 meta-architecture family.
 _NUM_CLASSES_KEYS = {
@@ -22,6 +22,17 @@ def num_classes_key(cfg) -> Optional[str]:
     if "DETR" in cfg.MODEL and (arch.upper().endswith("DETR") or arch in ("DINO", "DFINE")):
         return "MODEL.DETR.NUM_CLASSES"
     return None
+
+
+def num_classes(cfg) -> Optional[int]:
+    """The model's class count (the value of :func:`num_classes_key`; None if unknown)."""
+    key = num_classes_key(cfg)
+    if key is None:
+        return None
+    value = cfg
+    for part in key.split("."):
+        value = value[part]
+    return int(value)
 
 
 def uses_open_vocabulary(cfg) -> bool:

@@ -65,12 +65,12 @@ def peak_rss_mib():
 
 def build_cfg(
     teacher_weights, group_decoding, num_points=300, group_checkpoint=False, losses=None,
-    opts=(),
+    opts=(), kd_config=KD_CONFIG,
 ):
     from kd_detr.config import load_config
 
     no_pretrained = ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"]
-    cfg = load_config(os.path.join(ROOT, KD_CONFIG), freeze=False)
+    cfg = load_config(os.path.join(ROOT, kd_config), freeze=False)
     cfg.merge_from_list(
         no_pretrained
         + [
@@ -172,7 +172,7 @@ def worker(name, args):
     decoding = "separate" if name == "kd_separate" else "masked"
     cfg = build_cfg(
         args.teacher_weights, decoding, group_checkpoint=args.group_checkpoint, losses=args.losses,
-        opts=args.opts,
+        opts=args.opts, kd_config=args.kd_config,
     )
     data = batch(args.size)
     torch.manual_seed(0)
@@ -271,9 +271,32 @@ def parse_args(argv=None):
         "--opts", nargs="+", metavar="KEY VALUE", default=[],
         help="further config keys of the KD configurations, e.g. MODEL.KD.GENERAL.ENABLED False",
     )  # fmt: skip
+    parser.add_argument(
+        "--kd-config", default=KD_CONFIG,
+        help="KD recipe of the KD configurations (a DAB-DETR R50 -> R18 recipe, e.g. one of "
+        "configs/kd_zoo/*_dab_detr_R_18_from_R_50_50ep_coco.yaml)",
+    )  # fmt: skip
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--teacher-weights", default="", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def run_worker(name, args, teacher_weights):
+    """Measure configuration ``name`` in its own process (the options of ``args``: steps,
+    warmup, threads, size, group_checkpoint, losses, opts, kd_config); its result dict."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
+           "--teacher-weights", teacher_weights, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--size", str(args.size), "--kd-config", args.kd_config]  # fmt: skip
+    cmd += ["--group-checkpoint"] if args.group_checkpoint else []
+    cmd += ["--losses", *args.losses] if args.losses else []
+    cmd += ["--opts", *args.opts] if args.opts else []
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
+        raise SystemExit(f"configuration {name} failed (exit code {out.returncode})")
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def main(argv=None):
@@ -286,19 +309,7 @@ def main(argv=None):
         weights = os.path.join(tmp, "teacher_R50.pth")
         save_teacher(weights)
         for name in CONFIGS:
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name,
-                   "--teacher-weights", weights, "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--threads", str(args.threads),
-                   "--size", str(args.size)]  # fmt: skip
-            cmd += ["--group-checkpoint"] if args.group_checkpoint else []
-            cmd += ["--losses", *args.losses] if args.losses else []
-            cmd += ["--opts", *args.opts] if args.opts else []
-            out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                sys.stderr.write(out.stdout[-4000:] + out.stderr[-4000:])
-                raise SystemExit(f"configuration {name} failed (exit code {out.returncode})")
-            results[name] = json.loads(lines[-1][len("RESULT ") :])
+            results[name] = run_worker(name, args, weights)
             r = results[name]
             print(
                 f"{name:15s} median {r['median_s']:.3f} s/step  "

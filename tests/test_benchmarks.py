@@ -11,6 +11,7 @@ import os
 import re
 import unittest
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,3 +183,37 @@ class TestLatencyVsHF(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestKDZooOverhead(unittest.TestCase):
+    def test_every_method_has_its_recipe(self):
+        bench = load_benchmark("kd_zoo_overhead")
+        from kd_detr.distill import KD_LOSS_REGISTRY
+
+        for method, recipe in bench.METHODS.items():
+            self.assertTrue(os.path.isfile(os.path.join(REPO_ROOT, recipe)), (method, recipe))
+        # every zoo term of the registry is measured (KD-DETR's own terms through kd_detr)
+        measured = {m.lower() for m in bench.METHODS}
+        for term, _ in KD_LOSS_REGISTRY:
+            name = term[: -len("Loss")].lower()
+            if name in ("kddetr", "distributionkd", "maskedfeaturekd"):
+                continue  # KD-DETR itself; D-FINE's and Incremental-DETR's terms need their models
+            self.assertIn(name, measured, term)
+
+    @pytest.mark.slow
+    def test_ratios_of_one_method_in_separate_processes(self):
+        import json
+        import tempfile
+
+        bench = load_benchmark("kd_zoo_overhead")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "zoo.json")
+            out = bench.main(["--methods", "dkd", "--size", "64", "--steps", "1", "--warmup",
+                              "0", "--threads", "1", "--json", path])  # fmt: skip
+            with open(path) as f:
+                saved = json.load(f)
+        row = out["methods"]["dkd"]
+        student = out["student"]["median_s"]
+        self.assertAlmostEqual(row["time_ratio"], row["kd"]["median_s"] / student)
+        self.assertGreater(row["time_ratio"], 1.0)  # a KD step also runs the teacher
+        self.assertEqual(saved["methods"]["dkd"]["recipe"], bench.METHODS["dkd"])

@@ -73,7 +73,7 @@ class TestKDDemoEndToEnd(unittest.TestCase):
             self.assertTrue(os.path.isfile(result["teacher"]["weights"]))
             (run,) = result["runs"]
             for key in ("no_kd", "kd"):
-                self.assertEqual(set(run[key]["bbox"]), {"AP", "AP50", "AP75"})
+                self.assertLessEqual({"AP", "AP50", "AP75"}, set(run[key]["bbox"]))
             with open(os.path.join(tmp, "out", "student_kd_seed0", "config.yaml")) as f:
                 kd_config = f.read()
             self.assertIn(result["teacher"]["weights"], kd_config)

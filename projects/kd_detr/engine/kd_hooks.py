@@ -8,15 +8,23 @@ They expect a trainer with ``optimizer``, ``model``, ``iter``, ``storage`` and a
 import logging
 from typing import Dict, Optional
 
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.engine import HookBase
 
 from ..distill import EMATeacher, KDPairing, Teacher
 
-__all__ = ["DistillationPointsHook", "EMAUpdateHook", "KDWeightSchedule", "TeacherSanityHook"]
+__all__ = [
+    "DistillationPointsHook", "EMAUpdateHook", "KDWeightSchedule", "TeacherSanityHook", "unwrap",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DistributedDataParallel (the model itself otherwise)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 class TeacherSanityHook(HookBase):
@@ -146,10 +154,7 @@ class EMAUpdateHook(HookBase):
 
     def after_step(self):
         trainer = self.trainer
-        student = trainer.model
-        if isinstance(student, DistributedDataParallel):
-            student = student.module
-        self.teacher.update(student, trainer.iter)
+        self.teacher.update(unwrap(trainer.model), trainer.iter)
         trainer.storage.put_scalar(
             "ema_momentum", self.teacher.momentum_at(trainer.iter), smoothing_hint=False
         )

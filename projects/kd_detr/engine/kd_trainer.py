@@ -20,7 +20,6 @@ from typing import Dict, FrozenSet, List
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.engine import AMPTrainer, SimpleTrainer
 from detectron2.engine import defaults as d2_defaults
@@ -41,7 +40,13 @@ from ..distill import (
     init_student_from_teacher,
     kd_inputs,
 )
-from .kd_hooks import DistillationPointsHook, EMAUpdateHook, KDWeightSchedule, TeacherSanityHook
+from .kd_hooks import (  # fmt: skip
+    DistillationPointsHook,
+    EMAUpdateHook,
+    KDWeightSchedule,
+    TeacherSanityHook,
+    unwrap,
+)
 from .trainer import Trainer
 
 __all__ = [
@@ -54,11 +59,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel (the model itself otherwise)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def check_terms_fit_pairing(kd_losses, pairing: KDPairing) -> None:

@@ -4,7 +4,7 @@
 points, foreground weights, class mapping, the frozen teacher and box evaluation
 (``BOX_EVALUATOR_REGISTRY``, any teacher / any student). Importing registers the KD
 config keys, terms and pairings."""
-from .base_classes import base_class_indices, config_base_classes, student_num_classes
+from .base_classes import base_class_indices, config_base_classes
 from .baselines import inconsistent_pairs, similar_foreground_pairs, similar_general_pairs
 from .box_evaluation import (
     BOX_EVALUATOR_REGISTRY,

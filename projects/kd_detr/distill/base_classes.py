@@ -5,12 +5,7 @@ from typing import List, Optional, Sequence
 
 from ..modeling.num_classes import num_classes
 
-__all__ = ["base_class_indices", "config_base_classes", "student_num_classes"]
-
-
-def student_num_classes(cfg) -> Optional[int]:
-    """The class count of the model ``cfg`` builds (None for an unknown meta-architecture)."""
-    return num_classes(cfg)
+__all__ = ["base_class_indices", "config_base_classes"]
 
 
 def config_base_classes(cfg) -> List[int]:
@@ -20,7 +15,7 @@ def config_base_classes(cfg) -> List[int]:
         ValueError: repeated or out-of-range ids, naming the key and the class count.
     """
     base = [int(c) for c in cfg.MODEL.KD.get("BASE_CLASSES", [])]
-    num = student_num_classes(cfg)
+    num = num_classes(cfg)
     bad = [c for c in base if c < 0 or (num is not None and c >= num)]
     if bad:
         raise ValueError(

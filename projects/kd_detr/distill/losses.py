@@ -30,7 +30,8 @@ from detectron2.config import configurable
 from detectron2.utils import comm
 
 from ..modeling.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
-from .base_classes import base_class_indices, config_base_classes, student_num_classes
+from ..modeling.num_classes import num_classes
+from .base_classes import base_class_indices, config_base_classes
 from .registry import KD_LOSS_REGISTRY
 from .term import PointKDTerm
 
@@ -244,7 +245,7 @@ class KDDETRLoss(PointKDTerm):
             "l1_weight": kd.L1_WEIGHT,
             "giou_weight": kd.GIOU_WEIGHT,
             "base_classes": config_base_classes(cfg),
-            "num_classes": student_num_classes(cfg),
+            "num_classes": num_classes(cfg),
         }
 
     def pair_losses(self, student, teacher, weights, group: str) -> Dict[str, torch.Tensor]:

@@ -105,6 +105,41 @@ def make_targets(gen, counts, num_classes):
              "boxes": random_boxes(gen, n)} for n in counts]  # fmt: skip
 
 
+def np_(t):
+    """A tensor as a float64 numpy array (detached)."""
+    return t.detach().double().numpy()
+
+
+def make_query_kd_inputs(seed, *, shapes, num_logits, padded_from, target_counts, num_classes,
+                         box_sampler=random_boxes):  # fmt: skip
+    """Random inputs of a query-based KD term (DETRDistill, QSKD).
+
+    Args:
+        shapes (tuple): (B, L_s, L_t, Q, N, D_s, D_t, S): images, student / teacher decoder
+            layers, student / teacher queries, student / teacher widths, memory tokens.
+        padded_from (int): memory tokens of image 1 from this index on are padding.
+
+    Returns:
+        student {"pred_logits" (L_s, B, Q, K), "pred_boxes" (L_s, B, Q, 4)}, teacher (the same
+        at (L_t, B, N) plus "hidden_states" (L_t, B, N, D_t)), student memory (B, S, D_s),
+        teacher memory (B, S, D_t), padding (B, S) bool, targets (one dict per image).
+    """
+    b, ls, lt, q, n, ds, dt, s = shapes
+    gen = torch.Generator().manual_seed(seed)
+    k = num_logits
+    student = {"pred_logits": (2 * torch.randn(ls, b, q, k, generator=gen)).requires_grad_(),
+               "pred_boxes": box_sampler(gen, ls, b, q).requires_grad_()}  # fmt: skip
+    teacher = {"pred_logits": (2 * torch.randn(lt, b, n, k, generator=gen)).requires_grad_(),
+               "pred_boxes": box_sampler(gen, lt, b, n).requires_grad_(),
+               "hidden_states": torch.randn(lt, b, n, dt, generator=gen)}  # fmt: skip
+    s_mem = torch.randn(b, s, ds, generator=gen, requires_grad=True)
+    t_mem = torch.randn(b, s, dt, generator=gen, requires_grad=True)
+    padding = torch.zeros(b, s, dtype=torch.bool)
+    padding[1, padded_from:] = True
+    targets = make_targets(gen, target_counts, num_classes)
+    return student, teacher, s_mem, t_mem, padding, targets
+
+
 def query_context(student_layers, teacher_layers, targets, s_memory=None, t_memory=None,
                   padding=None, pairs=()):  # fmt: skip
     """A KDContext with the student's detection layers, the teacher's detections (every layer)

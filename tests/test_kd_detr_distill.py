@@ -23,7 +23,9 @@ from .kd_query_helpers import (
     StandInDETR,
     check_adapter_resume,
     detr_trainer,
+    make_query_kd_inputs,
     make_targets,
+    np_,
     np_gt_match,
     np_iou_giou,
     np_log_softmax,
@@ -43,22 +45,8 @@ B, LS, LT, Q, N, K, DS, DT, S = 2, 2, 3, 4, 3, 3, 3, 4, 5
 def make_inputs(seed=0):
     """Student layers (L_s = 2, Q = 4), teacher layers (L_t = 3, N = 3), memories (S = 5) with
     two padding tokens in image 1, and the ground truth (2 objects, then none)."""
-    gen = torch.Generator().manual_seed(seed)
-    student = {"pred_logits": (2 * torch.randn(LS, B, Q, K, generator=gen)).requires_grad_(),
-               "pred_boxes": random_boxes(gen, LS, B, Q).requires_grad_()}  # fmt: skip
-    teacher = {"pred_logits": (2 * torch.randn(LT, B, N, K, generator=gen)).requires_grad_(),
-               "pred_boxes": random_boxes(gen, LT, B, N).requires_grad_(),
-               "hidden_states": torch.randn(LT, B, N, DT, generator=gen)}  # fmt: skip
-    s_mem = torch.randn(B, S, DS, generator=gen, requires_grad=True)
-    t_mem = torch.randn(B, S, DT, generator=gen, requires_grad=True)
-    padding = torch.zeros(B, S, dtype=torch.bool)
-    padding[1, 3:] = True
-    targets = make_targets(gen, (2, 0), K - 1)
-    return student, teacher, s_mem, t_mem, padding, targets
-
-
-def np_(t):
-    return t.detach().double().numpy()
+    return make_query_kd_inputs(seed, shapes=(B, LS, LT, Q, N, DS, DT, S), num_logits=K,
+                                padded_from=3, target_counts=(2, 0), num_classes=K - 1)
 
 
 def reference_logit_losses(student, teacher, softmax, threshold=0.0, by_layer=True):

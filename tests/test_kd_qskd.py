@@ -20,7 +20,8 @@ from .kd_query_helpers import (
     StandInDETR,
     check_adapter_resume,
     detr_trainer,
-    make_targets,
+    make_query_kd_inputs,
+    np_,
     np_gt_match,
     np_iou_giou,
     np_pair_sums,
@@ -42,23 +43,9 @@ def boxes(gen, *shape):
 
 
 def make_inputs(seed, num_logits):
-    gen = torch.Generator().manual_seed(seed)
-    k = num_logits
-    student = {"pred_logits": (2 * torch.randn(LS, B, Q, k, generator=gen)).requires_grad_(),
-               "pred_boxes": boxes(gen, LS, B, Q).requires_grad_()}  # fmt: skip
-    teacher = {"pred_logits": (2 * torch.randn(LT, B, N, k, generator=gen)).requires_grad_(),
-               "pred_boxes": boxes(gen, LT, B, N).requires_grad_(),
-               "hidden_states": torch.randn(LT, B, N, DT, generator=gen)}  # fmt: skip
-    s_mem = torch.randn(B, S, DS, generator=gen, requires_grad=True)
-    t_mem = torch.randn(B, S, DT, generator=gen, requires_grad=True)
-    padding = torch.zeros(B, S, dtype=torch.bool)
-    padding[1, 4:] = True
-    targets = make_targets(gen, (3, 2), 3)
-    return student, teacher, s_mem, t_mem, padding, targets
-
-
-def np_(t):
-    return t.detach().double().numpy()
+    return make_query_kd_inputs(seed, shapes=(B, LS, LT, Q, N, DS, DT, S), num_logits=num_logits,
+                                padded_from=4, target_counts=(3, 2), num_classes=3,
+                                box_sampler=boxes)  # fmt: skip
 
 
 def np_select(logits, boxes_, labels, gt, softmax, threshold=0.0):

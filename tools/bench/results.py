@@ -22,8 +22,9 @@ class BenchResultsMixin:
     ``kd``, ``out_dir`` and, once known, ``state``, ``bbox`` and ``seconds``."""
 
     def take_over_results(self):
-        """Mark runs finished in the ``--results-from`` files as "imported" (same arm, seed and
-        config hash; KD runs also the same teacher weights sha256)."""
+        """Mark runs finished in the ``--results-from`` files as "imported": the same seed and
+        resolved-config hash (whatever the arm is named there: one plain student run serves
+        every bench it is the baseline of); KD runs also the same teacher weights sha256."""
         earlier = {}
         for path in getattr(self.args, "results_from", None) or []:
             try:
@@ -34,11 +35,11 @@ class BenchResultsMixin:
             sha = (content.get("teacher") or {}).get("weights_sha256")
             for run in content.get("runs", []):
                 if run.get("bbox") and run.get("state") in ("trained", "finished", "imported"):
-                    earlier[(run["arm"], run["seed"], run["hash"])] = (run, sha)
+                    earlier[(run["seed"], run["hash"])] = (run, sha)
         ours = (self.teacher or {}).get("weights_sha256")
         taken = skipped = 0
         for run in self.runs:
-            found = earlier.get((run["arm"], run["seed"], run["hash"]))
+            found = earlier.get((run["seed"], run["hash"]))
             if run.get("state") == "finished" or found is None:
                 continue
             if run["kd"] and found[1] != ours:

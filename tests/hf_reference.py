@@ -112,7 +112,9 @@ class HFParityTestCase(unittest.TestCase):
             tuple[nn.Module, str]: our model in eval mode and the converted checkpoint's path.
         """
         output = os.path.join(self.tmp, "converted.pth")
-        self.cli.main(["--source", "hf", "--config-file", self.CONFIG, folder, output, *opts])
+        self.cli.main(
+            ["--overwrite", "--source", "hf", "--config-file", self.CONFIG, folder, output, *opts]
+        )
         model = build_model(parity_cfg(self.CONFIG, opts)).eval()
         assert_loads_strictly(self, model, output)
         return model, output

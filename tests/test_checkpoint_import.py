@@ -220,7 +220,7 @@ class TestRegistryAndCLI(unittest.TestCase):
             model = build_model(make_cfg(DAB_CONFIG, *opts))
             assert_loads_strictly(self, model, out)
             with self.assertRaisesRegex(ValueError, "label_enc"):  # DN checkpoint, no DN config
-                cli.main(args + ["MODEL.DETR.NUM_CLASSES", "80"])
+                cli.main(["--overwrite"] + args + ["MODEL.DETR.NUM_CLASSES", "80"])
 
 
 if __name__ == "__main__":

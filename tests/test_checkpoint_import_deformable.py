@@ -306,7 +306,7 @@ class TestCLI(unittest.TestCase):
             norm = state["transformer.decoder.layers.1.norm1.bias"]
             self.assertTrue(torch.equal(layer.norm2.bias.detach(), norm))
             with self.assertRaisesRegex(ValueError, "WITH_BOX_REFINE is False; set it True"):
-                cli.main(args + ["MODEL.DETR.NUM_CLASSES", "80"])
+                cli.main(["--overwrite"] + args + ["MODEL.DETR.NUM_CLASSES", "80"])
 
 
 if __name__ == "__main__":

@@ -240,7 +240,7 @@ class TestCLI(unittest.TestCase):
             head = model.class_embed[1].weight.detach()
             self.assertTrue(torch.equal(head[79], src["class_embed.1.weight"][90]))
             with self.assertRaisesRegex(ValueError, "SHARE_HEADS False"):
-                cli.main(args + list(DETREX))
+                cli.main(["--overwrite"] + args + list(DETREX))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from kd_detr.distill import EMATeacher, check_ema_config
 from kd_detr.engine import KDTrainer
 from kd_detr.engine.kd_hooks import EMAUpdateHook, KDWeightSchedule
 
-from .kd_helpers import FixedBatchKDTrainer, kd_cfg, spy, tiny_cfg
-from .model_helpers import single_thread_module
+from .hf_reference import load_convert_checkpoint_cli
+from .kd_helpers import TINY_CONFIG, TINY_OPTS, FixedBatchKDTrainer, kd_cfg, spy, tiny_cfg
+from .model_helpers import assert_loads_strictly, single_thread_module
 
 setUpModule, tearDownModule = single_thread_module()
 
@@ -209,6 +210,27 @@ class TestEMATrainer(unittest.TestCase):
         self.assertNotIn("kd_teacher", checkpoint)
         for name, value in self.snapshot["ema"]["model"].items():
             self.assertTrue(torch.equal(checkpoint["kd_ema_teacher"]["model"][name], value), name)
+
+    def test_ema_teacher_converts_to_a_model_of_its_own(self):
+        """``convert_checkpoint.py --source kd_ema``: the EMA weights as {"model": ...}, loadable
+        strictly into the student's architecture; an existing output is kept."""
+        cli = load_convert_checkpoint_cli()
+        path = os.path.join(self.cfg.OUTPUT_DIR, "model_0000001.pth")
+        out = os.path.join(self._tmp.name, "ema.pth")
+        args = ["--source", "kd_ema", "--config-file", TINY_CONFIG, path, out, *TINY_OPTS]
+        cli.main(args)
+        converted = torch.load(out, weights_only=False)["model"]
+        self.assertEqual(set(converted), set(self.snapshot["ema"]["model"]))
+        for name, value in self.snapshot["ema"]["model"].items():
+            self.assertTrue(torch.equal(converted[name], value), name)
+        assert_loads_strictly(self, build_model(tiny_cfg()), out)
+        with self.assertRaisesRegex(SystemExit, "exists: .* --overwrite"):
+            cli.main(args)
+        # A checkpoint without an EMA teacher: the error names what the file has.
+        plain = os.path.join(self._tmp.name, "plain.pth")
+        torch.save({"model": converted, "iteration": 3}, plain)
+        with self.assertRaisesRegex(ValueError, r"no EMA teacher .*\['iteration', 'model'\]"):
+            cli.main(["--overwrite"] + args[:4] + [plain, out, *TINY_OPTS])
 
     def test_resume_continues_exactly(self):
         self.assertEqual(self.resumed["num_updates"], 2)

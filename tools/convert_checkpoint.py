@@ -29,18 +29,23 @@ MODEL.DETR.POSITION_TEMPERATURE 10000.0 MODEL.DETR.DINO.POSITION_OFFSET -0.5.
 v2, ResNet-vd backbone) for an RTDETR config of the same MODEL.RTDETR.VERSION; the EMA weights are
 used when the file has them, else "model". Its 80 COCO classes are Detectron2's order already.
 ``--source d_fine``: the same for a .pth of Peterande/D-FINE (HGNetv2) and a DFINE config.
+
+``--source kd_ema``: INPUT is a kd_detr training checkpoint of an EMA self-distillation run
+(``MODEL.KD.TEACHER.EMA.ENABLED``); the output holds its EMA teacher, a model of the student's
+config, to evaluate or export instead of the student.
+
+OUTPUT is written atomically and an existing file is kept unless ``--overwrite`` is given.
 """
 import kd_detr  # noqa: F401  isort: skip  (first: it silences fvcore's import-time FutureWarning)
 
 import argparse
 import logging
+import os
 import sys
-
-import torch
 
 from detectron2.modeling import build_model
 
-from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, check_state_dict_keys
+from kd_detr.checkpoint import CHECKPOINT_CONVERTERS, atomic_torch_save, check_state_dict_keys
 from kd_detr.config import load_config
 
 logger = logging.getLogger("kd_detr.convert_checkpoint")
@@ -70,6 +75,7 @@ def build_parser():
         "classes when the config has 80 (auto), always (map, else an error) or never (keep)",
     )
     parser.add_argument("output", help="output .pth, {'model': state_dict}")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
     return parser
 
@@ -78,11 +84,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import kd_detr.modeling.meta_arch  # noqa: F401  (registers the meta-architectures)
 
+    if os.path.exists(args.output) and not args.overwrite:
+        raise SystemExit(
+            f"{args.output} exists: choose another output file or pass --overwrite to replace it"
+        )
     cfg = setup_cfg(args.config_file, args.opts)
     state_dict = SOURCES[args.source](args.input, cfg, coco_classes=args.coco_classes)
     model = build_model(cfg)
     check_state_dict_keys(state_dict, model.state_dict())
-    torch.save({"model": state_dict}, args.output)
+    atomic_torch_save({"model": state_dict}, args.output)
     logger.info(f"Wrote {len(state_dict)} tensors to {args.output}")
     return args.output
 

@@ -2,6 +2,7 @@
 """Converters from third-party checkpoints to kd_detr state dicts."""
 from . import (  # noqa: F401  (register)
     detrex,
+    ema_teacher,
     hf_source,
     official,
     official_d_fine,

@@ -467,6 +467,13 @@ class TestTinyRuns(unittest.TestCase):
         self.assertEqual({r["arm"]: r["state"] for r in report["runs"]},
                          {"no_kd": None, "kd": "finished"})  # fmt: skip
         self.assertFalse(os.path.exists(os.path.join(self.tmp, "out", "no_kd_seed0")))
+        # A part of the bench (--arms): only no_kd trains, the results still hold the KD run
+        # finished before (processes running parts of one bench share its result files).
+        part, _ = self._run(arms, data + ["--arms", "no_kd"])
+        self.assertEqual({r["arm"]: r["state"] for r in part["runs"]},
+                         {"no_kd": "finished", "kd": "finished"})  # fmt: skip
+        with open(os.path.join(self.tmp, "out", "bench_results.json")) as f:
+            self.assertEqual(len(json.load(f)["runs"]), 2)
 
     def test_voc_folder_with_class_names(self):
         voc = _voc_dataset(os.path.join(self.tmp, "voc"))

@@ -32,6 +32,7 @@
 config overrides of every arm (not of the teacher: use ``--teacher-opts``).
 """
 import argparse
+import copy
 import os
 import sys
 import time
@@ -114,7 +115,11 @@ def parse_args(argv=None):
     parser.add_argument("arms_file", help="YAML arms file, e.g. configs/bench/demo.yaml")
     parser.add_argument("--iters", type=int, default=None, help="iterations of every arm")
     parser.add_argument("--baseline", default=None, help="arm the differences are taken to")
-    parser.add_argument("--arms", nargs="+", default=None, help="run only these arms")
+    parser.add_argument(
+        "--arms", nargs="+", default=None,
+        help="run only these arms (with --seeds too: the result files still cover every arm and "
+        "seed finished in OUTPUT, so processes running parts of a bench can share it)",
+    )  # fmt: skip
     add_bench_args(parser)
     return parse_with_overrides(parser, argv)
 
@@ -458,6 +463,16 @@ def _value(cfg, key):
     return cfg
 
 
+def whole_bench(spec, args, arms_file="(arms)") -> Bench:
+    """The bench of every arm of ``spec`` for its seeds and those of ``--seeds``: what a process
+    that ran a part of it (``--arms`` / ``--seeds``) reports, so that processes sharing an output
+    folder do not overwrite each other's results."""
+    whole = copy.copy(args)
+    whole.arms = None
+    whole.seeds = sorted(set(spec.seeds or [0]) | set(args.seeds or []))
+    return Bench(spec, whole, arms_file)
+
+
 def run_bench(spec, args, arms_file="(arms)"):
     """Check, run and report a bench; returns the result dict (None for --dry-run)."""
     import kd_detr  # noqa: F401  (first: registers everything, quiets fvcore's import warning)
@@ -472,7 +487,12 @@ def run_bench(spec, args, arms_file="(arms)"):
         if bbox:
             print("[kd_bench] teacher: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in METRICS))
         return None
-    result = bench.report_only() if getattr(args, "report_only", False) else bench.run_all()
+    if getattr(args, "report_only", False):
+        result = bench.report_only()
+    else:
+        result = bench.run_all()
+        if args.arms or args.seeds:  # a part of the bench: report all of it that is finished
+            result = whole_bench(spec, args, arms_file).report_only()
     print_tables(result)
     for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):
         print(f"wrote {os.path.join(bench.output, name)}")

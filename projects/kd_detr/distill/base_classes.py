@@ -3,28 +3,20 @@
 ``masked_feature.py``): the checked ids and the logit indices the class terms keep."""
 from typing import List, Optional, Sequence
 
+from ..data.datasets import check_class_ids
 from ..modeling.num_classes import num_classes
 
 __all__ = ["base_class_indices", "config_base_classes"]
 
 
 def config_base_classes(cfg) -> List[int]:
-    """``MODEL.KD.BASE_CLASSES``, checked against the student's class count.
+    """``MODEL.KD.BASE_CLASSES``, checked against the student's class count (may be empty).
 
     Raises:
         ValueError: repeated or out-of-range ids, naming the key and the class count.
     """
-    base = [int(c) for c in cfg.MODEL.KD.get("BASE_CLASSES", [])]
-    num = num_classes(cfg)
-    bad = [c for c in base if c < 0 or (num is not None and c >= num)]
-    if bad:
-        raise ValueError(
-            f"MODEL.KD.BASE_CLASSES {base} has ids {bad} outside [0, {num - 1 if num else '?'}] "
-            f"(the student has {num} classes): list contiguous 0-based ids of the base classes."
-        )
-    if len(set(base)) != len(base):
-        raise ValueError(f"MODEL.KD.BASE_CLASSES {base} repeats a class id: list each once.")
-    return sorted(base)
+    base = cfg.MODEL.KD.get("BASE_CLASSES", [])
+    return check_class_ids(base, num_classes(cfg), "MODEL.KD.BASE_CLASSES", owner="the student")
 
 
 def base_class_indices(

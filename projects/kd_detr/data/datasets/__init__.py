@@ -20,6 +20,7 @@ from .registry import DATASET_SOURCE_REGISTRY, register_from_config, split_confi
 from .incremental_split import (  # noqa: E402  (isort: skip)
     base_training_set,
     check_base_classes,
+    check_class_ids,
     few_shot_novel_set,
     register_incremental_split,
 )

@@ -26,7 +26,7 @@ triangle are the base classes, cross the novel one, 10 shots.
 import functools
 import logging
 import random
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -35,6 +35,7 @@ from .registry import DATASET_SOURCE_REGISTRY
 __all__ = [
     "base_training_set",
     "check_base_classes",
+    "check_class_ids",
     "few_shot_novel_set",
     "register_incremental_split",
 ]
@@ -44,26 +45,41 @@ logger = logging.getLogger(__name__)
 _COPIED_METADATA = ("thing_classes", "thing_dataset_id_to_contiguous_id", "thing_colors")
 
 
+def check_class_ids(
+    class_ids: Sequence[int], num_classes: Optional[int], key: str, owner: str = "the dataset"
+) -> List[int]:
+    """Sorted class ids after checking that each is in ``[0, num_classes)`` (only ``>= 0`` when
+    ``num_classes`` is None) and listed once.
+
+    Raises:
+        ValueError: naming ``key``, the bad ids and ``owner``'s class count.
+    """
+    ids = [int(c) for c in class_ids]
+    bad = [c for c in ids if c < 0 or (num_classes is not None and c >= num_classes)]
+    if bad:
+        top = num_classes - 1 if num_classes else "?"
+        raise ValueError(
+            f"{key} {ids} has ids {bad} outside [0, {top}] ({owner} has {num_classes} classes): "
+            f"use contiguous 0-based class ids."
+        )
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{key} {ids} repeats a class id: list each base class once.")
+    return sorted(ids)
+
+
 def check_base_classes(base_classes: Sequence[int], num_classes: int, key: str) -> List[int]:
-    """Sorted base class ids after checking them against ``num_classes`` classes.
+    """Sorted base class ids of a split: :func:`check_class_ids`, not empty, and at least one
+    class left as novel.
 
     Raises:
         ValueError: empty, repeated or out-of-range ids, or no novel class left; naming ``key``.
     """
-    base = [int(c) for c in base_classes]
-    if not base:
+    if not list(base_classes):
         raise ValueError(f"{key} is empty: list the base classes' contiguous ids (0-based).")
-    bad = [c for c in base if not 0 <= c < num_classes]
-    if bad:
-        raise ValueError(
-            f"{key} {base} has ids {bad} outside [0, {num_classes - 1}] (the dataset has "
-            f"{num_classes} classes): use contiguous 0-based class ids."
-        )
-    if len(set(base)) != len(base):
-        raise ValueError(f"{key} {base} repeats a class id: list each base class once.")
+    base = check_class_ids(base_classes, num_classes, key)
     if len(base) == num_classes:
         raise ValueError(f"{key} {base} lists every class: leave at least one novel class.")
-    return sorted(base)
+    return base
 
 
 def _class_ids(record: Dict) -> List[int]:

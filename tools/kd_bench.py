@@ -463,6 +463,14 @@ def _value(cfg, key):
     return cfg
 
 
+def is_part(spec, args) -> bool:
+    """Whether ``args`` run a part of the arms file's bench: some of its arms (``--arms``) or
+    some of its seeds (``--seeds``, a strict subset)."""
+    seeds = getattr(args, "seeds", None)
+    subset = bool(seeds) and set(seeds) < set(spec.seeds or [0])
+    return bool(getattr(args, "arms", None)) or subset
+
+
 def whole_bench(spec, args, arms_file="(arms)") -> Bench:
     """The bench of every arm of ``spec`` for its seeds and those of ``--seeds``: what a process
     that ran a part of it (``--arms`` / ``--seeds``) reports, so that processes sharing an output
@@ -491,7 +499,7 @@ def run_bench(spec, args, arms_file="(arms)"):
         result = bench.report_only()
     else:
         result = bench.run_all()
-        if args.arms or args.seeds:  # a part of the bench: report all of it that is finished
+        if is_part(spec, args):  # report all of the bench that is finished, not only the part
             result = whole_bench(spec, args, arms_file).report_only()
     print_tables(result)
     for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):

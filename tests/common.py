@@ -59,3 +59,14 @@ class TempDatasetsCase(unittest.TestCase):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def load_tool(filename: str):
+    """Import ``tools/<filename>`` as a module (tools/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "tools", filename)
+    spec = importlib.util.spec_from_file_location(f"kd_detr_tool_{filename[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 """Shared by the Hugging Face parity tests: the converter CLI, parity configs, the backbone
 choice and weight perturbation of the Hugging Face twins, and a test case that saves a Hugging
 Face model, converts it with the CLI and loads it into a kd_detr model."""
-import importlib.util
 import os
 import tempfile
 import unittest
@@ -11,7 +10,7 @@ import torch
 
 from detectron2.modeling import build_model
 
-from .common import REPO_ROOT, require_module
+from .common import load_tool, require_module
 from .model_helpers import assert_loads_strictly, config_from
 
 # Transformer settings of the tiny Hugging Face RT-DETR(v2) / D-FINE twins of
@@ -34,11 +33,7 @@ TINY_REALTIME_HF = dict(
 
 def load_convert_checkpoint_cli():
     """Import tools/convert_checkpoint.py (tools/ is not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py")
-    spec = importlib.util.spec_from_file_location("kd_detr_convert_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_checkpoint.py")
 
 
 def parity_cfg(config_file, opts=()):

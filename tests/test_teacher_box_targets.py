@@ -1,22 +1,12 @@
 # Copyright (c) kd_detr contributors.
 """tools/teacher_box_targets.py: IoU against hand values, boxes drawn inside their bins, and the
 per-bin means through a stand-in evaluator (an identity model and a shifting one)."""
-import importlib.util
-import os
 import unittest
 
 import numpy as np
 import torch
 
-from .common import REPO_ROOT
-
-
-def _tool():
-    path = os.path.join(REPO_ROOT, "tools", "teacher_box_targets.py")
-    spec = importlib.util.spec_from_file_location("kd_detr_teacher_box_targets", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .common import load_tool
 
 
 class _StandIn:
@@ -38,7 +28,7 @@ class _StandIn:
 class TestTeacherBoxTargets(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tool = _tool()
+        cls.tool = load_tool("teacher_box_targets.py")
         cls.objects = [np.array([0.2, 0.2, 0.5, 0.6]), np.array([0.55, 0.1, 0.9, 0.4])]
 
     def test_iou_hand_values(self):

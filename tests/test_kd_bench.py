@@ -472,6 +472,8 @@ class TestTinyRuns(unittest.TestCase):
         part, _ = self._run(arms, data + ["--arms", "no_kd"])
         self.assertEqual({r["arm"]: r["state"] for r in part["runs"]},
                          {"no_kd": "finished", "kd": "finished"})  # fmt: skip
+        self.assertGreater(part["job_seconds"], 0)  # the part's own time, its teacher record
+        self.assertEqual(part["teacher"]["weights_sha256"], fifth["teacher"]["weights_sha256"])
         with open(os.path.join(self.tmp, "out", "bench_results.json")) as f:
             self.assertEqual(len(json.load(f)["runs"]), 2)
 

@@ -395,20 +395,27 @@ class Bench(BenchResultsMixin):
         done = done or [r["seconds"] for r in self.runs if r.get("seconds")]
         return sum(done) / len(done) if done else None
 
-    def report_only(self):
+    def report_only(self, ran=None):
         """Results of what is finished, training nothing (the teacher's weights are
-        fingerprinted when present, for ``--results-from``)."""
+        fingerprinted when present, for ``--results-from``).
+
+        Args:
+            ran (dict or None): the result of this process's :meth:`run_all` over a part of
+                this bench: its teacher record (state, fingerprint) and job time are kept.
+        """
         os.makedirs(self.output, exist_ok=True)
         self.collect_finished()
         t = self.teacher
-        if t is not None:
+        if ran is not None and ran.get("teacher") is not None and t is not None:
+            self.teacher = ran["teacher"]  # the same planned teacher, already fingerprinted
+        elif t is not None:
             record = finished_run(t["out_dir"], t["key"]) if t["out_dir"] else None
             t.update(state="cached" if record else "given", bbox=(record or {}).get("bbox"),
                      seconds=(record or {}).get("seconds"))  # fmt: skip
             if os.path.isfile(t["weights"]):
                 self._fingerprint_teacher()
         self.take_over_results()
-        return self.write_results(0.0)
+        return self.write_results(ran["job_seconds"] if ran else 0.0)
 
     def run_all(self):
         start = time.perf_counter()
@@ -500,7 +507,7 @@ def run_bench(spec, args, arms_file="(arms)"):
     else:
         result = bench.run_all()
         if is_part(spec, args):  # report all of the bench that is finished, not only the part
-            result = whole_bench(spec, args, arms_file).report_only()
+            result = whole_bench(spec, args, arms_file).report_only(ran=result)
     print_tables(result)
     for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):
         print(f"wrote {os.path.join(bench.output, name)}")

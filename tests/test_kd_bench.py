@@ -493,19 +493,3 @@ class TestTinyRuns(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
-
-
-class TestInterruptedRunResumes(unittest.TestCase):
-    def test_same_command_with_a_checkpoint_resumes(self):
-        from bench.runs import _resumable, schedule_opts
-
-        self.assertIn("SOLVER.CHECKPOINT_PERIOD", schedule_opts(3000))
-        self.assertEqual(schedule_opts(3000)[-1], "300")
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", tmp]
-            self.assertFalse(_resumable(tmp, cmd))  # nothing there
-            _write(os.path.join(tmp, "command.txt"), " ".join(cmd) + "\n")
-            self.assertFalse(_resumable(tmp, cmd))  # no checkpoint yet
-            _write(os.path.join(tmp, "last_checkpoint"), "model_0000299.pth")
-            self.assertTrue(_resumable(tmp, cmd))
-            self.assertFalse(_resumable(tmp, cmd + ["SEED", "1"]))  # another run: start over

@@ -21,7 +21,9 @@
    such arms trains no teacher. Arms with ``init_from_teacher: true`` start from the teacher's
    weights (``MODEL.WEIGHTS``; class-incremental fine-tuning of a base model), with or without KD.
 4. Resumable: a run whose ``bench_run.json`` matches its resolved config hash is skipped, so an
-   interrupted bench continues where it stopped and a changed arm reruns.
+   interrupted bench continues where it stopped and a changed arm reruns. Several processes may
+   run the same bench on one output folder: each claims a run before training it
+   (``bench/run_lock.py``) and skips the runs the others train.
 5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
    and std of AP / AP50 / AP75 over seeds, paired difference to ``--baseline`` with a 95%
    t-interval), ``OUTPUT/bench_ap.png``.
@@ -43,19 +45,16 @@ from bench import (  # noqa: E402; fmt: skip
     Arm,
     BenchError,
     BenchSpec,
-    DataSwitch,
     config_hash,
     flat_opts,
     load_arms,
-    resolve_config,
-    resolve_dataset,
     schedule_opts,
     train_run,
 )
-from bench.arms import DATA_KEYS  # noqa: E402
-from bench.data import split_classes  # noqa: E402
+from bench.checks import BenchChecksMixin, _pick  # noqa: E402
 from bench.report import METRICS, duration, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
+from bench.run_lock import RunLock  # noqa: E402
 from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
 
 
@@ -139,17 +138,13 @@ def parse_with_overrides(parser, argv=None):
     return args
 
 
-def _pick(*values):
-    return next((v for v in values if v is not None), None)
-
-
 def _needs_teacher(cfg) -> bool:
     """A KD arm with an external teacher; an EMA self-distillation arm
     (``MODEL.KD.TEACHER.EMA.ENABLED``) builds its teacher from the student and gets none."""
     return bool(cfg.MODEL.KD.ENABLED and not cfg.MODEL.KD.TEACHER.EMA.ENABLED)
 
 
-class Bench(BenchResultsMixin):
+class Bench(BenchChecksMixin, BenchResultsMixin):
     """A checked bench plan: the teacher, every run with its resolved config hash."""
 
     def __init__(self, spec: BenchSpec, args, arms_file="(arms)"):
@@ -194,87 +189,6 @@ class Bench(BenchResultsMixin):
             raise BenchError(f"teacher config {self.teacher_config!r} not found")
         if self.teacher_weights and not os.path.isfile(self.teacher_weights):
             raise BenchError(f"--teacher-weights {self.teacher_weights!r} not found")
-
-    def _resolve(self, what, config, opts):
-        try:
-            return resolve_config(config, opts)
-        except Exception as e:  # a bad key, a dataset file that is missing, ...
-            raise BenchError(f"{what}: cannot resolve config {config!r}: {e}") from e
-
-    def _resolve_data(self):
-        """The dataset switch (None without --train / --test)."""
-        from detectron2.data import DatasetCatalog, MetadataCatalog
-
-        defaults = {"train_split": "trainval", "test_split": "test"}
-        data = {k: _pick(getattr(self.args, k, None), self.spec.data.get(k), defaults.get(k, ""))
-                for k in DATA_KEYS}  # fmt: skip
-        if not data["train"] and not data["test"]:
-            return None
-        if not data["train"] or not data["test"]:
-            raise BenchError("the dataset switch needs both --train and --test")
-        reference = self.teacher_config or self.arms[0].config
-        try:  # registers the datasets the config itself lists (e.g. BCCD's VOC entries)
-            cfg = resolve_config(reference)
-            self.base_entries = {"COCO_JSON": list(cfg.DATASETS.COCO_JSON),
-                                 "VOC": list(cfg.DATASETS.VOC)}  # fmt: skip
-        except Exception:
-            pass  # its own data may be absent here; registered names still resolve
-        catalog = {n: MetadataCatalog.get(n).get("thing_classes", None)
-                   for n in DatasetCatalog.list()}  # fmt: skip
-        classes = split_classes(data["classes"])
-        train = resolve_dataset(data["train"], "train", images=data["train_images"],
-                                split=data["train_split"], classes=classes, catalog=catalog)
-        test = resolve_dataset(data["test"], "test", images=data["test_images"],
-                               split=data["test_split"], classes=classes, catalog=catalog)
-        return DataSwitch(train, test)
-
-    def data_opts(self, what, config, opts=(), class_key=True):
-        """Dataset-switch overrides for a model config (with its class-count key)."""
-        from kd_detr.modeling.num_classes import num_classes_key
-
-        if self.data is None:
-            return []
-        plain = self.data.opts(None, self.base_entries)
-        key = num_classes_key(self._resolve(what, config, list(opts) + plain))
-        return self.data.opts(key if class_key else None, self.base_entries)
-
-    def _classes_of(self, cfg):
-        from detectron2.data import MetadataCatalog
-
-        if not cfg.DATASETS.TRAIN:
-            return None
-        return MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).get("thing_classes", None)
-
-    def _check_classes(self, what, cfg):
-        from kd_detr.modeling.num_classes import check_num_classes
-
-        try:
-            check_num_classes(cfg)
-        except ValueError as e:
-            raise BenchError(f"{what}: {e}") from e
-
-    def _check_teacher_classes(self, arm, student_cfg, teacher_cfg):
-        from kd_detr.modeling.num_classes import num_classes_key
-
-        if student_cfg.MODEL.KD.CLASS_MAPPING:
-            return  # the KD trainer maps the classes by name and checks them
-        # COCO json datasets get their class names only when loaded: the switch knows them.
-        classes = self.data.classes if self.data else self._classes_of(student_cfg)
-        s_key, t_key = num_classes_key(student_cfg), num_classes_key(teacher_cfg)
-        if t_key is None:
-            return
-        count = _value(teacher_cfg, t_key)
-        expected = len(classes) if classes is not None else _value(student_cfg, s_key)
-        names = self._classes_of(teacher_cfg)
-        wrong_names = classes is not None and names is not None and list(names) != list(classes)
-        if count != expected or wrong_names:
-            shown = f" ({', '.join(classes[:8])})" if classes else ""
-            raise BenchError(
-                f"arm {arm.name!r}: the teacher ({self.teacher_config}) has {count} classes "
-                f"({t_key}{': ' + ', '.join(names[:8]) if names else ''}) but the data has "
-                f"{expected}{shown}. Train the teacher on this data (drop --teacher-weights), or "
-                "map the classes with MODEL.KD.CLASS_MAPPING."
-            )
 
     # -- the plan ------------------------------------------------------------------------------
     def _plan(self):
@@ -366,20 +280,37 @@ class Bench(BenchResultsMixin):
             t.update(state="given", bbox=None)
             print(f"[kd_bench] teacher: given weights {t['weights']}", flush=True)
             return self._fingerprint_teacher()
-        record = finished_run(t["out_dir"], t["key"])
-        if record and os.path.isfile(t["weights"]):
-            t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
-            print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
-            return self._fingerprint_teacher()
-        print(f"[kd_bench] teacher: training {t['iters']} iterations "
-              f"(log {t['out_dir']}/log.txt)", flush=True)  # fmt: skip
-        record = train_run(self.args.python, t["config"], t["out_dir"], t["opts"],
-                           label="teacher", run_hash=t["key"], max_iter=t["iters"],
-                           record={"config": t["config"], "opts": t["opts"]})  # fmt: skip
+        lock = self._claim_teacher(t)
+        try:
+            record = finished_run(t["out_dir"], t["key"])
+            if record and os.path.isfile(t["weights"]):
+                t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
+                print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
+                return self._fingerprint_teacher()
+            print(f"[kd_bench] teacher: training {t['iters']} iterations "
+                  f"(log {t['out_dir']}/log.txt)", flush=True)  # fmt: skip
+            record = train_run(self.args.python, t["config"], t["out_dir"], t["opts"],
+                               label="teacher", run_hash=t["key"], max_iter=t["iters"],
+                               record={"config": t["config"], "opts": t["opts"]})  # fmt: skip
+        finally:
+            lock.release()
         t.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
         print(f"[kd_bench] teacher: done in {record['seconds']:.0f} s, AP "
               f"{record['bbox']['AP']:.1f}", flush=True)  # fmt: skip
         self._fingerprint_teacher()
+
+    def _claim_teacher(self, t, poll_seconds=30.0):
+        """Claim the teacher's run folder, waiting while another bench process trains it (every
+        KD run needs it; that process's result is then reused from the cache)."""
+        lock = RunLock(t["out_dir"])
+        holder = lock.acquire()
+        if holder is not None:
+            print(f"[kd_bench] teacher: being trained by process {holder.get('pid')} on "
+                  f"{holder.get('host')} (since {holder.get('since')}); waiting for it",
+                  flush=True)  # fmt: skip
+            while lock.acquire() is not None:
+                time.sleep(poll_seconds)
+        return lock
 
     def _fingerprint_teacher(self):
         """sha256 of the teacher's weights file: the identity of "the same teacher" for runs
@@ -423,12 +354,25 @@ class Bench(BenchResultsMixin):
         self.collect_finished()
         self.ensure_teacher()
         self.take_over_results()
-        total = len(self.runs)
+        total, elsewhere = len(self.runs), []
         for i, run in enumerate(self.runs):
             head = f"[kd_bench] run {i + 1}/{total} {run['arm']} seed {run['seed']}:"
             if run.get("state") in ("finished", "imported"):
                 print(f"{head} {run['state']} before, skipped (AP {run['bbox']['AP']:.1f})",
                       flush=True)  # fmt: skip
+                continue
+            lock = RunLock(run["out_dir"])
+            holder = lock.acquire()
+            if holder is not None:
+                print(f"{head} being trained by process {holder.get('pid')} on "
+                      f"{holder.get('host')} (since {holder.get('since')}), skipped", flush=True)
+                elsewhere.append(run)
+                continue
+            record = finished_run(run["out_dir"], run["hash"])  # by another process meanwhile
+            if record:
+                lock.release()
+                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+                print(f"{head} finished by another process, skipped", flush=True)
                 continue
             left = [self._estimate(r) for r in self.runs[i:]
                     if r.get("state") not in ("finished", "imported")]  # fmt: skip
@@ -437,16 +381,25 @@ class Bench(BenchResultsMixin):
             else:
                 when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
             print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
-            record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
-                               label=f"{run['arm']} seed {run['seed']}", run_hash=run["hash"],
-                               max_iter=self.iters,
-                               record={k: run[k] for k in ("arm", "seed", "config", "opts")})
-            # fmt: skip
+            try:
+                record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
+                                   label=f"{run['arm']} seed {run['seed']}",
+                                   run_hash=run["hash"], max_iter=self.iters,
+                                   record={k: run[k] for k in ("arm", "seed", "config", "opts")})
+                # fmt: skip
+            finally:
+                lock.release()
             run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
             self.check_metrics(run)
             print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
                 f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
             self.write_results(time.perf_counter() - start, charts=False)
+        self.collect_finished()  # runs other processes finished meanwhile
+        if elsewhere:
+            left = [f"{r['arm']} seed {r['seed']}" for r in elsewhere if r.get("state") is None]
+            if left:
+                print(f"[kd_bench] {len(left)} run(s) still trained by other processes "
+                      f"({', '.join(left)}): --report-only once they finish", flush=True)
         return self.write_results(time.perf_counter() - start)
 
     def print_plan(self):
@@ -460,14 +413,11 @@ class Bench(BenchResultsMixin):
                   f"iterations, {self.teacher['weights']}")  # fmt: skip
         for run in self.runs:
             state = "finished" if finished_run(run["out_dir"], run["hash"]) else "to train"
+            holder = RunLock(run["out_dir"]).held_by() if state == "to train" else None
+            if holder is not None:
+                state = f"being trained by process {holder.get('pid')}"
             print(f"  {run['arm']} seed {run['seed']} ({run['config']}, hash {run['hash']}): "
                   f"{state}")  # fmt: skip
-
-
-def _value(cfg, key):
-    for part in key.split("."):
-        cfg = cfg[part]
-    return cfg
 
 
 def is_part(spec, args) -> bool:

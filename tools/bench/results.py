@@ -53,8 +53,11 @@ class BenchResultsMixin:
                      if skipped else ""), flush=True)  # fmt: skip
 
     def collect_finished(self):
-        """Mark the runs finished in OUTPUT (their ``bench_run.json`` matches their hash)."""
+        """Mark the runs finished in OUTPUT (their ``bench_run.json`` matches their hash), of
+        those with no state yet (trained here, finished or taken over before keep theirs)."""
         for run in self.runs:
+            if run.get("state"):
+                continue
             record = finished_run(run["out_dir"], run["hash"])
             if record:
                 run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])

@@ -1,0 +1,183 @@
+# Copyright (c) kd_detr contributors.
+"""KD bench runs (tools/bench/runs.py, run_lock.py): an interrupted run resumes, and bench
+processes sharing an output folder claim runs so that none is trained twice."""
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import unittest
+
+from .common import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+import kd_bench  # noqa: E402
+from bench import load_arms  # noqa: E402
+from bench.run_lock import RunLock  # noqa: E402
+
+STUDENT = "configs/demo/dab_detr_efflite0_demo.yaml"
+
+
+def _write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def _finish(out_dir, run_hash, ap):
+    """The files a finished bench run leaves (what train_run writes)."""
+    metrics = {"results": {"kd_demo_val": {"bbox": {"AP": ap, "AP50": ap + 1, "AP75": ap - 1}}}}
+    _write(os.path.join(out_dir, "metrics_final.json"), json.dumps(metrics))
+    record = {"hash": run_hash, "bbox": metrics["results"]["kd_demo_val"]["bbox"], "seconds": 1.0}
+    _write(os.path.join(out_dir, "bench_run.json"), json.dumps(record))
+    return record
+
+
+class _Holder:
+    """Another process holding the claim on a run folder until stopped."""
+
+    def __init__(self, out_dir):
+        code = textwrap.dedent(f"""
+            import sys, time
+            sys.path.insert(0, {os.path.join(REPO_ROOT, "tools")!r})
+            from bench.run_lock import RunLock
+            assert RunLock({out_dir!r}).acquire() is None
+            print("claimed", flush=True)
+            time.sleep(600)
+        """)
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                     text=True)  # fmt: skip
+        assert self.proc.stdout.readline().strip() == "claimed"
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc.stdout.close()
+
+
+class TestRunClaims(unittest.TestCase):
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="kd_bench_claims_")
+        self.addCleanup(tmp.cleanup)
+        self.tmp = tmp.name
+
+    def test_claim_held_by_a_live_process_then_free_when_it_dies(self):
+        run = os.path.join(self.tmp, "out", "kd_seed0")
+        self.assertIsNone(RunLock(run).held_by())  # never claimed: nothing written
+        self.assertFalse(os.path.exists(run + ".lock"))
+        holder = _Holder(run)
+        try:
+            lock = RunLock(run)
+            found = lock.acquire()
+            self.assertEqual(found["pid"], holder.proc.pid)
+            self.assertFalse(lock.owned)
+            self.assertEqual(RunLock(run).held_by()["pid"], holder.proc.pid)
+            with self.assertRaisesRegex(RuntimeError, f"claimed by process {holder.proc.pid}"):
+                with RunLock(run):
+                    pass
+        finally:
+            holder.stop()
+        # Killed (no release): the operating system dropped the claim, no stale lock.
+        lock = RunLock(run)
+        self.assertIsNone(lock.held_by())
+        self.assertIsNone(lock.acquire())
+        self.assertTrue(lock.owned)
+        self.assertEqual(lock.holder()["pid"], os.getpid())
+        lock.release()
+        self.assertEqual(lock.holder(), {})  # released: emptied
+        with RunLock(run) as again:
+            self.assertTrue(again.owned)
+
+    def test_bench_skips_a_run_another_process_trains_and_reports_it_once_finished(self):
+        arms = _write(os.path.join(self.tmp, "arms.yaml"),
+                      f"iters: 2\nseeds: [0, 1]\narms:\n  - {{name: no_kd, config: {STUDENT}}}\n")
+        out = os.path.join(self.tmp, "out")
+        bench = kd_bench.Bench(load_arms(arms), kd_bench.parse_args([arms, "--output", out]), arms)
+        seed0, seed1 = bench.runs
+        trained = []
+
+        def fake_train_run(python, config, out_dir, opts, *, run_hash, **kwargs):
+            trained.append(out_dir)
+            # Meanwhile the other process finishes seed 0 and releases it.
+            _finish(seed0["out_dir"], seed0["hash"], 40.0)
+            holder.stop()
+            return _finish(out_dir, run_hash, 50.0)
+
+        holder = _Holder(seed0["out_dir"])
+        original = kd_bench.train_run
+        kd_bench.train_run = fake_train_run
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as stdout:
+                plan = io.StringIO()
+                with contextlib.redirect_stdout(plan):
+                    bench.print_plan()
+                result = bench.run_all()
+        finally:
+            kd_bench.train_run = original
+            holder.stop()
+        self.assertIn("no_kd seed 1 (", plan.getvalue())
+        self.assertIn(f"being trained by process {holder.proc.pid}", plan.getvalue())
+        self.assertEqual(trained, [seed1["out_dir"]])  # seed 0 was not trained here
+        self.assertIn(f"no_kd seed 0: being trained by process {holder.proc.pid}",
+                      stdout.getvalue())  # fmt: skip
+        states = {r["seed"]: (r["state"], r["bbox"]["AP"]) for r in result["runs"]}
+        self.assertEqual(states, {0: ("finished", 40.0), 1: ("trained", 50.0)})
+        self.assertIsNone(RunLock(seed1["out_dir"]).held_by())  # released after training
+        # A second process now finds both finished, trains nothing.
+        trained.clear()
+        again = kd_bench.Bench(load_arms(arms), kd_bench.parse_args([arms, "--output", out]), arms)
+        kd_bench.train_run = fake_train_run
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                result = again.run_all()
+        finally:
+            kd_bench.train_run = original
+        self.assertEqual(trained, [])
+        self.assertEqual([r["state"] for r in result["runs"]], ["finished", "finished"])
+
+    def test_a_process_waits_for_the_teacher_another_trains(self):
+        import threading
+
+        arms = _write(os.path.join(self.tmp, "arms.yaml"), "iters: 2\narms:\n"
+                      f"  - {{name: no_kd, config: {STUDENT}}}\n")  # fmt: skip
+        args = kd_bench.parse_args([arms, "--output", os.path.join(self.tmp, "out")])
+        bench = kd_bench.Bench(load_arms(arms), args, arms)
+        teacher = {"out_dir": os.path.join(self.tmp, "cache", "teacher-0123")}
+        holder = _Holder(teacher["out_dir"])
+        timer = threading.Timer(1.0, holder.stop)
+        timer.start()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as stdout:
+                lock = bench._claim_teacher(teacher, poll_seconds=0.05)
+        finally:
+            timer.cancel()
+            holder.stop()
+        self.assertIn(f"being trained by process {holder.proc.pid}", stdout.getvalue())
+        self.assertIn("waiting for it", stdout.getvalue())
+        self.assertTrue(lock.owned)  # after the other process ended
+        lock.release()
+
+
+class TestInterruptedRunResumes(unittest.TestCase):
+    def test_same_command_with_a_checkpoint_resumes(self):
+        from bench.runs import _resumable, schedule_opts
+
+        self.assertIn("SOLVER.CHECKPOINT_PERIOD", schedule_opts(3000))
+        self.assertEqual(schedule_opts(3000)[-1], "300")
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = ["python", "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", tmp]
+            self.assertFalse(_resumable(tmp, cmd))  # nothing there
+            _write(os.path.join(tmp, "command.txt"), " ".join(cmd) + "\n")
+            self.assertFalse(_resumable(tmp, cmd))  # no checkpoint yet
+            _write(os.path.join(tmp, "last_checkpoint"), "model_0000299.pth")
+            self.assertTrue(_resumable(tmp, cmd))
+            self.assertFalse(_resumable(tmp, cmd + ["SEED", "1"]))  # another run: start over
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,9 +1,10 @@
 # Copyright (c) kd_detr contributors.
 """KD terms that all-reduce their normalisers (DETRDistill's matched pairs, feature tokens and
-object counts; QSKD's pairs and tokens): two CPU processes (gloo), each holding half of a batch,
-equal one process holding all of it. The ranks' mean loss is the single process's loss, and
-half a rank's input gradient (DDP averages over 2 ranks) is the single process's gradient of
-those inputs; the adapters' averaged gradients are the single process's."""
+object counts; QSKD's pairs and tokens; D3ETR's adaptive and fixed pairs): two CPU processes
+(gloo), each holding half of a batch, equal one process holding all of it. The ranks' mean loss
+is the single process's loss, and half a rank's input gradient (DDP averages over 2 ranks) is
+the single process's gradient of those inputs; the adapters' averaged gradients are the single
+process's."""
 import os
 import tempfile
 import unittest
@@ -11,7 +12,7 @@ import unittest
 import pytest
 import torch
 
-from kd_detr.distill import DETRDistillLoss, PointPair, QSKDLoss
+from kd_detr.distill import D3ETRLoss, DETRDistillLoss, PointPair, QSKDLoss
 from kd_detr.engine import launch
 
 from .kd_query_helpers import StandInDETR, make_targets, query_context, random_boxes
@@ -45,7 +46,7 @@ def _losses(images, out_file):
     s_mem = memory["s"][images].clone().requires_grad_()
     targets = [targets[i] for i in images]
     result = {}
-    for cls in (DETRDistillLoss, QSKDLoss):
+    for cls in (DETRDistillLoss, QSKDLoss, D3ETRLoss):
         torch.manual_seed(0)  # the same adapter on every rank
         term = cls(softmax=False)
         term.bind(StandInDETR(DS, num_classes=C), StandInDETR(DT, num_classes=C))
@@ -73,7 +74,7 @@ def _worker(out_pattern):
 
 @pytest.mark.slow
 class TestTwoProcessesEqualOne(unittest.TestCase):
-    def test_detr_distill_and_qskd(self):
+    def test_detr_distill_qskd_and_d3etr(self):
         with tempfile.TemporaryDirectory() as tmp:
             pattern = os.path.join(tmp, "two_{rank}.pt")
             launch(_worker, 2, dist_url="auto", args=(pattern,))
@@ -88,7 +89,8 @@ class TestTwoProcessesEqualOne(unittest.TestCase):
                                        msg=f"{name} {key}")  # fmt: skip
             num_inputs = 5  # student logits, boxes, group logits, boxes, student memory
             for i, grad in enumerate(ref["grads"]):
-                if grad.numel() == 0:  # an input the term does not read (QSKD: the group)
+                # an input the term does not read (QSKD: the group, D3ETR: the memory)
+                if grad.numel() == 0:
                     self.assertTrue(all(ranks[r][name]["grads"][i].numel() == 0 for r in (0, 1)))
                     continue
                 if i < num_inputs:

@@ -24,10 +24,10 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(
             CONFIG_EXTENSION_REGISTRY.names(),
             [
-                "modeling", "distill", "distill_ctkd", "distill_detrdistill", "distill_ddf",
-                "distill_dkd", "distill_ema", "distill_fgd", "distill_fitnet", "distill_kdep",
-                "distill_incremental", "distill_mgd", "distill_mlkd", "distill_qskd",
-                "distill_boxes", "ov", "engine",
+                "modeling", "distill", "distill_ctkd", "distill_detrdistill", "distill_d3etr",
+                "distill_ddf", "distill_dkd", "distill_ema", "distill_fgd", "distill_fitnet",
+                "distill_kdep", "distill_incremental", "distill_mgd", "distill_mlkd",
+                "distill_qskd", "distill_boxes", "ov", "engine",
             ],  # fmt: skip
         )
         self.assertEqual(
@@ -41,7 +41,7 @@ class TestRegistrations(unittest.TestCase):
         self.assertEqual(set(CLASS_HEAD_REGISTRY.names()), {"linear", "region_text"})
         terms = ("KDDETRLoss", "DKDLoss", "FitNetLoss", "CTKDLoss", "MLKDLoss", "FGDLoss",
                  "MGDLoss", "KDEPLoss", "DistributionKDLoss", "MaskedFeatureKDLoss",
-                 "DETRDistillLoss", "QSKDLoss")  # fmt: skip
+                 "DETRDistillLoss", "QSKDLoss", "D3ETRLoss")  # fmt: skip
         for term in terms:
             self.assertIn(term, KD_LOSS_REGISTRY)
         self.assertEqual(len(KD_PAIRING_REGISTRY.names()), 5)

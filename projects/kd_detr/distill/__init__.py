@@ -25,6 +25,7 @@ from .class_mapping import (
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
+from .d3etr import D3ETRLoss, add_d3etr_config, fixed_pairs
 from .detr_distill import (
     DETRDistillLoss,
     SoftLabelHungarianMatcher,

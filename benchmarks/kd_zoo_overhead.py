@@ -31,7 +31,8 @@ METHODS = {
     "kd_detr": KD_CONFIG,
     **{
         name: f"configs/kd_zoo/{name}_dab_detr_R_18_from_R_50_50ep_coco.yaml"
-        for name in ("dkd", "mlkd", "ctkd", "fitnet", "fgd", "mgd", "kdep", "detrdistill", "qskd")
+        for name in ("dkd", "mlkd", "ctkd", "fitnet", "fgd", "mgd", "kdep", "detrdistill", "qskd",
+                     "d3etr")  # fmt: skip
     },
 }
 

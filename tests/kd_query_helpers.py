@@ -164,9 +164,11 @@ def query_context(student_layers, teacher_layers, targets, s_memory=None, t_memo
 class StandInDETR(nn.Module):
     """The members of a DETR-family model the terms' ``bind`` reads."""
 
-    def __init__(self, hidden_dim=4, use_focal=True, box_query_groups=True, num_classes=3):
+    def __init__(self, hidden_dim=4, use_focal=True, box_query_groups=True, num_classes=3,
+                 decoder_attention_maps=True):  # fmt: skip
         super().__init__()
         self.hidden_dim, self.use_focal = hidden_dim, use_focal
+        self.decoder_attention_maps = decoder_attention_maps  # DETR, DAB-DETR (D3ETR's maps)
         self.box_query_groups, self.keep_backbone_features = box_query_groups, False
         matcher = HungarianMatcher(2.0, 5.0, 2.0, use_focal=use_focal)
         weights = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}

@@ -215,9 +215,14 @@ class TestD3ETRStartUp(unittest.TestCase):
         for opts in (("MODEL.KD.POINTS", "inconsistent"), ("MODEL.KD.SPECIFIC.ENABLED", "False")):
             with self.assertRaisesRegex(ValueError, "D3ETRLoss.*FIXED_MATCHING.*consistent"):
                 D3ETRLoss(tiny_cfg(*opts))
+        self.assertEqual(term.attn_weights, (1e4, 1e3))  # TPRD's weight_dict
+        self.assertEqual(term.inputs, {"detections", "points", "attention"})
         alone = D3ETRLoss(tiny_cfg("MODEL.KD.POINTS", "inconsistent",
                                    "MODEL.KD.D3ETR.FIXED_MATCHING", "False"))  # fmt: skip
-        self.assertEqual(alone.inputs, {"detections"})
+        self.assertEqual(alone.inputs, {"detections", "attention"})
+        predictions = D3ETRLoss(tiny_cfg("MODEL.KD.D3ETR.SELF_ATTN_WEIGHT", "0.0",
+                                         "MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT", "0.0"))  # fmt: skip
+        self.assertEqual(predictions.inputs, {"detections", "points"})
 
 
 class TestD3ETRInTraining(unittest.TestCase):
@@ -231,7 +236,8 @@ class TestD3ETRInTraining(unittest.TestCase):
     def test_kd_step_on_demo_pair_next_to_kd_detr(self):
         with tempfile.TemporaryDirectory() as tmp:
             trainer = demo_pair_trainer(tmp, "MODEL.KD.LOSSES", "['KDDETRLoss', 'D3ETRLoss']")
-            self.assertEqual(trainer._trainer.kd_inputs, {"points", "detections"})
+            # attention terms on by default (TPRD's weights; tests/test_kd_d3etr_attention.py)
+            self.assertEqual(trainer._trainer.kd_inputs, {"points", "detections", "attention"})
             trainer.resume_or_load(resume=False)
             trainer.train()
             losses = logged_losses(trainer)
@@ -245,8 +251,10 @@ class TestD3ETRInTraining(unittest.TestCase):
             weights = save_teacher(tmp, config_file=config_file)
             cfg = kd_student_cfg(config_file, tmp, weights)
             cfg.merge_from_list(
-                ["MODEL.KD.LOSSES", "['D3ETRLoss']", "MODEL.KD.GENERAL.ENABLED", "False"]
-            )
+                ["MODEL.KD.LOSSES", "['D3ETRLoss']", "MODEL.KD.GENERAL.ENABLED", "False",
+                 "MODEL.KD.D3ETR.SELF_ATTN_WEIGHT", "0.0",  # no attention maps in DINO
+                 "MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT", "0.0"]
+            )  # fmt: skip
             trainer, losses, t_calls, s_calls = run_kd_step(cfg, config_file, [])
         # fixed matching: the student decodes exactly the teacher's queries (one extra group)
         groups = s_calls[0]["kwargs"]["extra_query_groups"]

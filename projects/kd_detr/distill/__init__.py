@@ -25,7 +25,7 @@ from .class_mapping import (
 from .config import add_kd_config
 from .context import KD_INPUTS, KDContext, PointPair, encoder_memory
 from .ctkd import CTKDLoss, GradientReversal, add_ctkd_config, ctkd_lambda, kl_at_temperature
-from .d3etr import D3ETRLoss, add_d3etr_config, fixed_pairs
+from .d3etr import D3ETRLoss, add_d3etr_config, attention_sums, fixed_pairs
 from .detr_distill import (
     DETRDistillLoss,
     SoftLabelHungarianMatcher,
@@ -72,7 +72,7 @@ from .pairing import (
 from .points import DISTRIBUTIONS, DistillationPointSampler, specific_points
 from .qskd import QSKDLoss, add_qskd_config, select_queries
 from .registry import KD_LOSS_REGISTRY, build_kd_losses
-from .step import build_kd_context, kd_inputs
+from .step import build_kd_context, kd_inputs, keeping_attention_maps
 from .teacher import (
     Teacher,
     build_teacher,

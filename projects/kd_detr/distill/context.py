@@ -24,10 +24,14 @@ __all__ = ["KD_INPUTS", "KDContext", "PointPair", "encoder_memory"]
 #       (implies "points"; models with "pred_corners", e.g. D-FINE, see :class:`PointPair`);
 #   "detections": ``teacher_detections``, the teacher's detection-query outputs of every decoder
 #       layer with its logits in the student's class space (DETR-specific methods that match
-#       the student's detection queries to the teacher's, e.g. DETRDistill, QSKD).
+#       the student's detection queries to the teacher's, e.g. DETRDistill, QSKD);
+#   "attention": ``outputs["attention_maps"]`` of both models, every decoder layer's self- and
+#       cross-attention weights of the detection queries and of every extra group (the models
+#       keep them only for the KD step's forward passes, and only when asked; models with
+#       ``decoder_attention_maps``: DETR, DAB-DETR; see :meth:`KDContext.attention_maps`).
 KD_INPUTS = (
     "points", "targets", "matching", "backbone_features", "encoder_memory", "distributions",
-    "detections",
+    "detections", "attention",
 )  # fmt: skip
 
 
@@ -120,6 +124,24 @@ class KDContext:
                 "'backbone_features' in its inputs"
             )
         return features
+
+    def attention_maps(self, role: str) -> Dict:
+        """"attention": the decoder attention maps of the "student" or the "teacher" (the
+        teacher's detached): {"layers": {"self_attn" (L, B, heads, Q, Q), "cross_attn"
+        (L, B, heads, Q, S)} of the detection queries, "groups": the same per extra group, in
+        the order of ``outputs["groups"]``}; per head, each row a softmax over the set's own
+        queries / the S memory tokens of :func:`encoder_memory` (0 on padding)."""
+        outputs = self.student_outputs if role == "student" else self.teacher_outputs
+        maps = outputs.get("attention_maps")
+        if maps is None:
+            raise RuntimeError(
+                f"The {role}'s decoder attention maps were not kept: the KD term must declare "
+                "'attention' in its inputs (and the model must have decoder_attention_maps)"
+            )
+        if role == "student":
+            return maps
+        detach = lambda d: {k: v.detach() for k, v in d.items()}  # noqa: E731
+        return {"layers": detach(maps["layers"]), "groups": [detach(g) for g in maps["groups"]]}
 
     def encoder_memory(self, role: str) -> Dict:
         """"encoder_memory" of the "student" or the "teacher" (see :func:`encoder_memory`)."""

@@ -1,6 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """D3ETR, decoder distillation for detection transformers (Chen et al., arXiv 2211.09768,
-IJCAI 2024), for DETR-family students: the prediction distillation of its MixMatcher.
+IJCAI 2024), for DETR-family students: its MixMatcher's prediction distillation and, on models
+whose decoders use standard attention (DETR, DAB-DETR), its attention-map distillation.
 
 Notation: student layer l (of L_s), teacher layer t(l) = max(0, l + L_t - L_s) (layer by layer
 for equal depths, the final layers aligned otherwise; see
@@ -13,31 +14,53 @@ sum_c BCE(z_s, sigmoid(z_t)), softmax models -sum_k softmax(z_t)_k log softmax(z
     cls = sum_P CE(z_s, z_t) / n_P,  l1 = sum_P |b_s - b_t|_1 / n_P,
     giou = sum_P (1 - GIoU(b_s, b_t)) / n_P,  weighted 1 / 5 / 2.
 
+With the layer's self-attention maps A (B, h, ., .) and cross-attention maps X (B, h, ., S) over
+the S encoder-memory tokens (``KDContext.attention_maps``; per head, each row a softmax), P_b
+the pairs (s_i, t_i) of image b, n_b = |P_b|, S_b the tokens padded in neither model:
+
+    self_attn = sum_b sum_h sum_{i, j in P_b} (A_s[b, h, s_i, s_j] - A_t[b, h, t_i, t_j])^2
+                / (h sum_b n_b^2),                                       weighted 1e4;
+    cross_attn = sum_b sum_h sum_{k in S_b} (sum_{i in P_b} X_s[b, h, s_i, k]
+                 - sum_{i in P_b} X_t[b, h, t_i, k])^2 / (h sum_b |S_b|),  weighted 1e3:
+
+the MSE of the paired queries' self-attention block (each model's maps restricted to its
+paired queries, in pair order) and of the memory map the paired queries' cross-attention adds
+up to. The maps are compared head by head when both models have the same number of heads,
+else both are averaged over their heads (h = 1; head i of one model has no counterpart in the
+other); the cross-attention term needs both models to attend over one token grid (a runtime
+error names the two grids otherwise).
+
 MixMatcher forms P two ways, each giving its own losses:
 
-* Adaptive matching (``loss_kd_d3etr_adaptive_{cls,l1,giou}[_l]``): the student's Q detection
-  queries of layer l are matched one-to-one to the teacher's N predictions of layer t(l), the
-  teacher's predictions acting as soft ground truth, by a Hungarian matching with cost
-  1 * CE + 5 * L1 - 2 * GIoU (:class:`~kd_detr.distill.detr_distill.SoftLabelHungarianMatcher`);
-  n_P = min(Q, N) pairs per image.
-* Fixed matching (``loss_kd_d3etr_fixed_{cls,l1,giou}[_l]``): the student also decodes the
-  teacher's N detection queries as an auxiliary group that does not interact with its own
-  queries (KD-DETR's "specific" points, ``MODEL.KD.POINTS consistent`` with
+* Adaptive matching (``loss_kd_d3etr_adaptive_{cls,l1,giou,self_attn,cross_attn}[_l]``): the
+  student's Q detection queries of layer l are matched one-to-one to the teacher's N
+  predictions of layer t(l), the teacher's predictions acting as soft ground truth, by a
+  Hungarian matching with cost 1 * CE + 5 * L1 - 2 * GIoU
+  (:class:`~kd_detr.distill.detr_distill.SoftLabelHungarianMatcher`); n_P = min(Q, N) pairs per
+  image. The attention maps are the student's detection queries' and the teacher's.
+* Fixed matching (``loss_kd_d3etr_fixed_{cls,l1,giou,self_attn,cross_attn}[_l]``): the student
+  also decodes the teacher's N detection queries as an auxiliary group that does not interact
+  with its own queries (KD-DETR's "specific" points, ``MODEL.KD.POINTS consistent`` with
   ``MODEL.KD.SPECIFIC.ENABLED``); its output i of layer l is paired with the teacher's
-  prediction i of layer t(l); n_P = N per image.
+  prediction i of layer t(l); n_P = N per image. The student's maps are the group's own (its
+  block of a masked pass, or its own pass).
 
 Sources: the paper's abstract and Figure 2 (two query groups, the student's and the teacher's,
 sharing the student's decoder without interaction, the second used in training only; adaptive
 matching on the first, fixed matching on the second; distillation of decoder predictions,
 self-attention and cross-attention maps). The loss forms, the 1 / 5 / 2 weights (both
-matchings), the 1 / 5 / 2 matching costs, every decoder layer and the sigmoid soft BCE come from
-TPRD's D3ETR re-implementation (xingyitong1/TPRD, projects/deformable_detr/D3DETR and
-cfg_distill/D3DETR); the paper's full text was not available here to check them against.
-
-Not implemented (see docs/KD_ZOO.md): the attention-map terms (TPRD: MSE of the paired
-queries' decoder self-attention maps, weight 1e4, and of the deformable cross-attention weights
-scattered onto the token grid, weight 1e3), because the project's decoders do not return
-attention weights.
+matchings), the 1 / 5 / 2 matching costs, every decoder layer, the sigmoid soft BCE and the
+attention terms (per-head self-attention MSE of the matched queries' block, weight 1e4; MSE of
+the cross-attention summed over the queries onto the token grid, weight 1e3; both matchings)
+come from TPRD's D3ETR re-implementation (xingyitong1/TPRD, projects/deformable_detr/D3DETR:
+distill_criterion.py loss_attn_distill; D3DETR_TPRD/attention.py attn_map_to_flat_grid;
+cfg_distill/D3DETR weight_dict *_loss_self_attn / *_loss_cross_attn); the paper's full text was
+not available here to check them against. Deviations: TPRD's cross-attention maps are
+Deformable DETR's sampling weights scattered onto the multi-scale token grid and summed over
+all queries; ours are the standard cross-attention of DETR / DAB-DETR over the single-scale
+memory, summed over the paired queries (all of them when Q = N, as in the recipes), and the
+mean leaves padded tokens out. Deformable DETR, DINO, RT-DETR and D-FINE have no such maps:
+their attention weights must be 0 (checked at start-up).
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -60,10 +83,11 @@ from .detr_distill import (
 from .registry import KD_LOSS_REGISTRY
 from .term import KDTerm
 
-__all__ = ["D3ETRLoss", "add_d3etr_config", "fixed_pairs"]
+__all__ = ["D3ETRLoss", "add_d3etr_config", "attention_sums", "fixed_pairs"]
 
 _KEYS = ("pred_logits", "pred_boxes")
 _FIXED = "MODEL.KD.D3ETR.FIXED_MATCHING"
+_ATTN = "MODEL.KD.D3ETR.SELF_ATTN_WEIGHT / CROSS_ATTN_WEIGHT"
 
 
 @CONFIG_EXTENSION_REGISTRY.register(name="distill_d3etr")
@@ -87,12 +111,79 @@ def add_d3etr_config(cfg):
     # by index (the paper's MixMatcher; TPRD: on). Needs MODEL.KD.POINTS consistent with
     # SPECIFIC.ENABLED (the group is KD-DETR's "specific" points) and box-query models.
     d.FIXED_MATCHING = True
+    # Attention-map distillation, both matchings, every decoder layer (TPRD's D3ETR
+    # weight_dict: distill_loss_self_attn / teacher_loss_self_attn 10000.0, distill_loss_cross_attn
+    # / teacher_loss_cross_attn 1000.0): MSE of the paired queries' decoder self-attention maps,
+    # and of the memory maps their cross-attention sums to. Needs decoders with standard
+    # attention in both models (DETR, DAB-DETR); 0 turns a term off (Deformable DETR, DINO,
+    # RT-DETR and D-FINE have no maps: set both to 0 there).
+    d.SELF_ATTN_WEIGHT = 10000.0
+    d.CROSS_ATTN_WEIGHT = 1000.0
 
 
 def fixed_pairs(batch_size: int, num: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Fixed matching: query i with query i, for every image (int64 index pairs on the CPU)."""
     index = torch.arange(num, dtype=torch.int64)
     return [(index, index) for _ in range(batch_size)]
+
+
+def _same_heads(student: torch.Tensor, teacher: torch.Tensor):
+    """Per-head maps (B, h, ., .) of both models when the head counts agree, else both
+    averaged over their heads (h = 1): the mean of softmax rows is still a distribution over
+    the same keys, while head i of one model has no counterpart in the other."""
+    if student.shape[1] == teacher.shape[1]:
+        return student, teacher
+    return student.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+
+
+def attention_sums(
+    student: Dict, teacher: Dict, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+    padding, weights: Sequence[float] = (1.0, 1.0),
+):  # fmt: skip
+    """Squared errors of one layer's attention maps over the pairs P_b of every image b.
+
+    Args:
+        student (dict): "self_attn" (B, h_s, Q, Q), "cross_attn" (B, h_s, Q, S).
+        teacher (dict): "self_attn" (B, h_t, N, N), "cross_attn" (B, h_t, N, S).
+        pairs (list): per image (student query indices (n_b,), teacher query indices (n_b,)).
+        padding (Tensor or None): (B, S) True on memory tokens padded in either model (None:
+            no cross-attention term).
+        weights: (self, cross); a 0 skips that part (its sum is None).
+
+    Returns:
+        tuple: ((self sum, self count), (cross sum, cross count)) with h the head count
+        compared (h_s if h_s = h_t, else 1: head-averaged maps):
+        self = sum_b sum_h sum_{i, j in P_b} (A_s[b, h, s_i, s_j] - A_t[b, h, t_i, t_j])^2 over
+        h sum_b n_b^2; cross = sum_b sum_h sum_k (sum_{i in P_b} X_s[b, h, s_i, k] -
+        sum_{i in P_b} X_t[b, h, t_i, k])^2 over the tokens k not padded, over h sum_b S_b.
+    """
+    device = student["self_attn"].device
+    self_sum = cross_sum = None
+    self_count = cross_count = 0
+    if weights[0]:
+        s_all, t_all = _same_heads(student["self_attn"].float(), teacher["self_attn"].float())
+        self_sum = s_all.new_zeros(())
+        for b, (s_idx, t_idx) in enumerate(pairs):
+            s_idx, t_idx = s_idx.to(device), t_idx.to(device)
+            s_block = s_all[b][:, s_idx][:, :, s_idx]
+            t_block = t_all[b][:, t_idx][:, :, t_idx].detach()
+            self_sum = self_sum + (s_block - t_block).pow(2).sum()
+            self_count += s_all.shape[1] * len(s_idx) ** 2
+    if weights[1]:
+        s_all, t_all = _same_heads(student["cross_attn"].float(), teacher["cross_attn"].float())
+        if s_all.shape[-1] != t_all.shape[-1]:
+            raise RuntimeError(
+                f"D3ETRLoss: the student's cross-attention covers {s_all.shape[-1]} memory tokens,"
+                f" the teacher's {t_all.shape[-1]}: the maps must cover one token grid"
+            )
+        cross_sum = s_all.new_zeros(())
+        for b, (s_idx, t_idx) in enumerate(pairs):
+            keep = ~padding[b].to(device)
+            s_map = s_all[b][:, s_idx.to(device)].sum(1)[:, keep]
+            t_map = t_all[b][:, t_idx.to(device)].sum(1)[:, keep].detach()
+            cross_sum = cross_sum + (s_map - t_map).pow(2).sum()
+            cross_count += s_all.shape[1] * int(keep.sum())
+    return (self_sum, self_count), (cross_sum, cross_count)
 
 
 @KD_LOSS_REGISTRY.register()
@@ -104,7 +195,8 @@ class D3ETRLoss(KDTerm):
     def __init__(
         self, *, cls_weight: float = 1.0, l1_weight: float = 5.0, giou_weight: float = 2.0,
         match_costs: Sequence[float] = (1.0, 5.0, 2.0), adaptive: bool = True,
-        fixed: bool = True, softmax: bool = False,
+        fixed: bool = True, softmax: bool = False, self_attn_weight: float = 0.0,
+        cross_attn_weight: float = 0.0,
     ):  # fmt: skip
         super().__init__()
         if not (adaptive or fixed):
@@ -117,7 +209,15 @@ class D3ETRLoss(KDTerm):
         self.matcher = SoftLabelHungarianMatcher(*match_costs, softmax=self.softmax)
         self.adaptive = bool(adaptive)
         self.fixed = bool(fixed)
-        self.inputs = frozenset({"detections", "points"} if self.fixed else {"detections"})
+        if self_attn_weight < 0 or cross_attn_weight < 0:
+            raise ValueError(
+                f"D3ETRLoss: {_ATTN} must be >= 0, got {self_attn_weight}, {cross_attn_weight}"
+            )
+        self.attn_weights = (float(self_attn_weight), float(cross_attn_weight))
+        inputs = {"detections", "points"} if self.fixed else {"detections"}
+        if any(self.attn_weights):
+            inputs.add("attention")
+        self.inputs = frozenset(inputs)
 
     @classmethod
     def from_config(cls, cfg):
@@ -135,16 +235,28 @@ class D3ETRLoss(KDTerm):
             "match_costs": (d.MATCH_COST_CLASS, d.MATCH_COST_BBOX, d.MATCH_COST_GIOU),
             "adaptive": d.ADAPTIVE_MATCHING, "fixed": d.FIXED_MATCHING,
             "softmax": detr is None or not detr.USE_FOCAL_LOSS,
+            "self_attn_weight": d.SELF_ATTN_WEIGHT, "cross_attn_weight": d.CROSS_ATTN_WEIGHT,
         }  # fmt: skip
 
     def bind(self, student: nn.Module, teacher: nn.Module) -> None:
         """Check both models are DETR-family models of one classifier type (with box queries
-        for fixed matching).
+        for fixed matching, with decoder attention maps for the attention terms).
 
         Raises:
             ValueError: naming D3ETRLoss, the model's class and what it lacks.
         """
         check_detr_models("D3ETRLoss", student, teacher, _FIXED if self.fixed else "")
+        if not any(self.attn_weights):
+            return
+        for role, model in (("student", student), ("teacher", teacher)):
+            if not getattr(model, "decoder_attention_maps", False):
+                raise ValueError(
+                    f"D3ETRLoss ({_ATTN} > 0) distils decoder attention maps, but the {role} "
+                    f"({type(model).__name__}) has none: its decoder's cross-attention samples "
+                    "points (deformable attention) instead of attending over the memory tokens. "
+                    "Use a DETR or DAB-DETR teacher and student, or set "
+                    "MODEL.KD.D3ETR.SELF_ATTN_WEIGHT 0 and MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT 0"
+                )
 
     def _layer_losses(
         self, kind: str, student: Dict, teacher: Dict, pairs, layer: int, num_layers: int
@@ -158,12 +270,51 @@ class D3ETRLoss(KDTerm):
             for name, weight, value in zip(("cls", "l1", "giou"), self.weights, (cls, l1, giou))
         }
 
+    def _attention_losses(
+        self, kind: str, student: Dict, teacher: Dict, pairs, padding, layer: int, num_layers: int
+    ) -> Dict[str, torch.Tensor]:
+        """The weighted self- / cross-attention losses of one layer's pairs (see
+        :func:`attention_sums`); ``student`` / ``teacher`` hold that layer's maps."""
+        sums = attention_sums(student, teacher, pairs, padding, self.attn_weights)
+        device = student["self_attn"].device
+        suffix = "" if layer == num_layers - 1 else f"_{layer}"
+        losses = {}
+        for name, weight, (value, count) in zip(("self_attn", "cross_attn"), self.attn_weights,
+                                                sums):  # fmt: skip
+            if weight:
+                losses[f"loss_kd_d3etr_{kind}_{name}{suffix}"] = (
+                    weight * value / global_count(count, device)
+                )
+        return losses
+
+    def _maps(self, context: KDContext, group=None):
+        """Both models' attention maps: the student's detection queries (``group`` None) or its
+        extra group ``group``, and the teacher's detection queries; plus the padding of the
+        memory tokens both attend over (checked to be one grid)."""
+        s_maps = context.attention_maps("student")
+        s_maps = s_maps["layers"] if group is None else s_maps["groups"][group]
+        t_maps = context.attention_maps("teacher")["layers"]
+        s_mem = context.encoder_memory("student")
+        t_mem = context.encoder_memory("teacher")
+        if s_mem["spatial_shapes"] != t_mem["spatial_shapes"] and self.attn_weights[1]:
+            raise RuntimeError(
+                f"D3ETRLoss (MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT > 0) compares cross-attention "
+                f"maps over the memory tokens, but the student attends over a "
+                f"{s_mem['spatial_shapes']} grid and the teacher over {t_mem['spatial_shapes']} "
+                "(different backbone strides or input sizes): give both models the same "
+                "feature map (MODEL.DETR.IN_FEATURE, SIZE_DIVISIBILITY) or set "
+                "MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT 0"
+            )
+        padding = s_mem["padding_mask"] | t_mem["padding_mask"] if self.attn_weights[1] else None
+        return s_maps, t_maps, padding
+
     def adaptive_losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
         """Adaptive matching of every student layer: the student's detection queries
         (L_s, B, Q, .) against the teacher's (L_t, B, N, .), Hungarian-matched per layer."""
         student = context.student_outputs["layers"]
         teacher = context.teacher_detections
         num_s, num_t = student["pred_logits"].shape[0], teacher["pred_logits"].shape[0]
+        maps = self._maps(context) if any(self.attn_weights) else None
         losses = {}
         for layer in range(num_s):
             t_layer = teacher_layer(layer, num_s, num_t)
@@ -173,6 +324,12 @@ class D3ETRLoss(KDTerm):
                        for b in range(t_out["pred_logits"].shape[0])]  # fmt: skip
             pairs = self.matcher({k: v.detach() for k, v in s_out.items()}, targets)
             losses.update(self._layer_losses("adaptive", s_out, t_out, pairs, layer, num_s))
+            if maps is not None:
+                s_maps, t_maps, padding = maps
+                losses.update(self._attention_losses(
+                    "adaptive", {k: v[layer] for k, v in s_maps.items()},
+                    {k: v[t_layer] for k, v in t_maps.items()}, pairs, padding, layer, num_s,
+                ))  # fmt: skip
         return losses
 
     def fixed_losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
@@ -195,11 +352,21 @@ class D3ETRLoss(KDTerm):
                 f"detections ({batch_size}, {num}); the group must be the teacher's queries"
             )
         pairs = fixed_pairs(batch_size, num)
+        maps = None
+        if any(self.attn_weights):  # the group's index among the student's extra groups
+            maps = self._maps(context, [p.name for p in context.pairs].index("specific"))
         losses = {}
         for layer in range(num_s):
+            t_layer = teacher_layer(layer, num_s, num_t)
             s_out = {k: student[k][layer] for k in _KEYS}
-            t_out = {k: teacher[k][teacher_layer(layer, num_s, num_t)] for k in _KEYS}
+            t_out = {k: teacher[k][t_layer] for k in _KEYS}
             losses.update(self._layer_losses("fixed", s_out, t_out, pairs, layer, num_s))
+            if maps is not None:
+                s_maps, t_maps, padding = maps
+                losses.update(self._attention_losses(
+                    "fixed", {k: v[layer] for k, v in s_maps.items()},
+                    {k: v[t_layer] for k, v in t_maps.items()}, pairs, padding, layer, num_s,
+                ))  # fmt: skip
         return losses
 
     def forward(self, context: KDContext) -> Dict[str, torch.Tensor]:
@@ -212,5 +379,5 @@ class D3ETRLoss(KDTerm):
     def extra_repr(self):
         return (
             f"weights={self.weights}, softmax={self.softmax}, adaptive={self.adaptive}, "
-            f"fixed={self.fixed}"
+            f"fixed={self.fixed}, attention_weights={self.attn_weights}"
         )

@@ -32,6 +32,11 @@ class DistillableDETR(Protocol):
     Optional (not part of the protocol): models predicting box distributions (D-FINE) have
     ``corner_offsets() -> (R + 1,)`` and "pred_corners" / "initial_boxes" in their layer and
     group outputs; KD terms reading the "distributions" input check for it in ``bind``.
+    Models whose decoders use standard multi-head attention (DETR, DAB-DETR) have
+    ``decoder_attention_maps = True`` and return, while ``keep_attention_maps`` is set (the KD
+    step sets it for its forward passes when a term declares "attention"), every decoder
+    layer's self- and cross-attention weights in ``outputs["attention_maps"]``; KD terms reading
+    them check ``decoder_attention_maps`` in ``bind`` (Deformable DETR, DINO: False).
     """
 
     box_query_groups: bool

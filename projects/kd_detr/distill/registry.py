@@ -31,7 +31,8 @@ Declaration:
     each model to the ground truth), "backbone_features", "encoder_memory", "distributions"
     (the point pairs also carry both models' box distributions, see below; implies "points"),
     "detections" (the teacher's detection queries at every decoder layer, logits in the
-    student's class space).
+    student's class space), "attention" (both models' decoder attention maps, kept for the KD
+    step's forward passes only; ``KDContext.attention_maps``).
     The trainer computes or keeps only what some configured term declared, so KD-DETR's step
     costs what it costs alone; it checks at start-up that both models can provide it (and that
     the pairing ``provides`` "distributions").

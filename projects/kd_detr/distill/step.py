@@ -1,6 +1,7 @@
 # Copyright (c) kd_detr contributors.
 """What one KD step computes for its terms: the union of their declared inputs
 (:func:`kd_inputs`) and the :class:`KDContext` holding exactly that (:func:`build_kd_context`)."""
+import contextlib
 from typing import Dict, FrozenSet, Iterable, List
 
 import torch
@@ -10,7 +11,26 @@ from .context import KDContext
 from .pairing import KDPairing
 from .teacher import Teacher
 
-__all__ = ["build_kd_context", "kd_inputs"]
+__all__ = ["build_kd_context", "kd_inputs", "keeping_attention_maps"]
+
+
+@contextlib.contextmanager
+def keeping_attention_maps(models: Iterable, enabled: bool):
+    """Within the block, the (unwrapped) ``models`` return their decoder attention maps
+    ("attention_maps" of ``forward_raw``) when ``enabled`` (a KD term declared "attention"); the
+    flag is restored afterwards, so evaluation and other passes use the fused attention."""
+    if not enabled:
+        yield
+        return
+    models = list(models)
+    saved = [m.keep_attention_maps for m in models]
+    for model in models:
+        model.keep_attention_maps = True
+    try:
+        yield
+    finally:
+        for model, value in zip(models, saved):
+            model.keep_attention_maps = value
 
 
 def kd_inputs(terms: Iterable, pairing: KDPairing) -> FrozenSet[str]:

@@ -39,6 +39,7 @@ from ..distill import (
     ema_enabled,
     init_student_from_teacher,
     kd_inputs,
+    keeping_attention_maps,
 )
 from .kd_hooks import (  # fmt: skip
     DistillationPointsHook,
@@ -175,9 +176,11 @@ class KDStepMixin:
             return self._add_kd_losses(loss_dict, context)
         points = "points" in self.kd_inputs
         t_groups = self.pairing.teacher_groups(self.iter) if points else []
-        t_out = self.teacher(data, t_groups)
-        s_groups = self.pairing.student_groups(t_out, t_groups, len(data)) if points else []
-        loss_dict, s_out = self.model(data, extra_query_groups=s_groups)
+        models = (self.teacher.model, self.student)
+        with keeping_attention_maps(models, "attention" in self.kd_inputs):
+            t_out = self.teacher(data, t_groups)
+            s_groups = self.pairing.student_groups(t_out, t_groups, len(data)) if points else []
+            loss_dict, s_out = self.model(data, extra_query_groups=s_groups)
         context = build_kd_context(
             self.iter, data, s_out, t_out, self.kd_inputs, student=self.student,
             teacher=self.teacher,

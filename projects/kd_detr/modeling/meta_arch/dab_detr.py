@@ -20,7 +20,7 @@ from ..denoising import (
     denoising_loss_key,
 )
 from ..query_groups import block_diagonal_mask, check_box_group, joint_query_pass
-from ..transformer import MLP
+from ..transformer import MLP, split_attention_maps
 from ..transformer.dab_transformer import inverse_sigmoid
 from .denoising_forward import DenoisingForwardMixin
 from .detr import DETR, ImagesLike
@@ -198,16 +198,29 @@ class DABDETR(DenoisingForwardMixin, DETR):
 
         Returns:
             list[tuple[Tensor, Tensor]]: per set, hidden states (L, B, N_i, d) and input
-            reference boxes (L, B, N_i, 4).
+            reference boxes (L, B, N_i, 4); with ``keep_attention_maps`` a third entry, the
+            set's attention maps (see :meth:`DETR.decode`).
         """
         args = (encoded["memory"], encoded["pos"], encoded["mask"])
         heads = self._box_heads()
+        need = self.keep_attention_maps
         if self.group_decoding == "separate" or len(queries) == 1:
+            if need:
+                return [
+                    self.transformer.decode(c, *args, b, heads, need_weights=True)
+                    for c, b in queries
+                ]
             return [self.transformer.decode(c, *args, b, heads) for c, b in queries]
         sizes = [c.shape[1] for c, _ in queries]
         content = torch.cat([c for c, _ in queries], dim=1)
         boxes = torch.cat([b for _, b in queries], dim=1)
         mask = block_diagonal_mask(sizes, self.device)
+        if need:
+            hs, refs, maps = self.transformer.decode(
+                content, *args, boxes, heads, self_attn_mask=mask, need_weights=True
+            )
+            parts = zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2))
+            return [(*p, m) for p, m in zip(parts, split_attention_maps(maps, sizes))]
         hs, refs = self.transformer.decode(content, *args, boxes, heads, self_attn_mask=mask)
         return list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
 
@@ -240,13 +253,24 @@ class DABDETR(DenoisingForwardMixin, DETR):
 
         Returns:
             tuple: the list of :meth:`decode`, and the denoising queries' (hidden states
-            (L, B, N, d), input reference boxes (L, B, N, 4)).
+            (L, B, N, d), input reference boxes (L, B, N, 4)) (no attention maps).
         """
         args = (encoded["memory"], encoded["pos"], encoded["mask"])
         heads = self._box_heads()
         content, boxes, sizes, mask, num_joint = joint_query_pass(
             queries, self.group_decoding, denoising
         )
+        if self.keep_attention_maps:
+            hs, refs, maps = self.transformer.decode(
+                content, *args, boxes, heads, self_attn_mask=mask, need_weights=True
+            )
+            parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
+            own = split_attention_maps(maps, sizes)
+            rest = [
+                self.transformer.decode(c, *args, b, heads, need_weights=True)
+                for c, b in queries[num_joint:]
+            ]
+            return [(*p, m) for p, m in zip(parts[1:], own[1:])] + rest, parts[0]
         hs, refs = self.transformer.decode(content, *args, boxes, heads, self_attn_mask=mask)
         parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
         rest = [self.transformer.decode(c, *args, b, heads) for c, b in queries[num_joint:]]
@@ -272,13 +296,24 @@ class DABDETR(DenoisingForwardMixin, DETR):
             of "groups" also hold "reference_boxes" (L, B, N, 4), each layer's input anchors.
             With ``denoising``, "denoising" holds the same four per-layer tensors for its N
             queries plus "queries" (the :class:`DenoisingQueries`); "layers" and "groups" keep
-            the detection queries and extra groups only.
+            the detection queries and extra groups only. With ``keep_attention_maps``,
+            "attention_maps" (:meth:`DETR.attention_outputs`; denoising queries left out).
         """
         encoded = self.encode(images)
         bsz = encoded["memory"].shape[0]
         groups = self._parse_groups(extra_query_groups or [], bsz)
         sets = [self.detection_queries(bsz)] + groups
         decoded, dn_decoded = self.decode_query_sets(self._decode_all, encoded, sets, denoising)
+        if self.keep_attention_maps:
+            kept = [d[:2] for d in decoded]
+            outputs = self._forward_outputs(kept, dn_decoded, encoded, denoising)
+            outputs["attention_maps"] = self.attention_outputs([d[2] for d in decoded])
+            return outputs
+        return self._forward_outputs(decoded, dn_decoded, encoded, denoising)
+
+    def _forward_outputs(self, decoded, dn_decoded, encoded, denoising) -> Dict:
+        """:meth:`forward_raw` outputs of the decoded (hidden states, reference boxes) of every
+        query set and of the denoising queries (or None)."""
         per_set = []
         for hs, refs in decoded + ([dn_decoded] if dn_decoded else []):
             logits, boxes = self.predict(hs, refs)

@@ -84,6 +84,7 @@ class DeformableDETR(DETR):
 
     # Decodes extra query groups of boxes (distillation points): DistillableDETR interface.
     box_query_groups = True
+    decoder_attention_maps = False  # deformable cross-attention samples points: no maps
 
     def detection_query_content(self, batch_size: int, outputs: Dict) -> torch.Tensor:
         """(B, Q, d) content the detection queries started from in ``outputs`` (image-dependent

@@ -19,7 +19,7 @@ from ..criterion import SetCriterion
 from ..matcher import HungarianMatcher
 from ..num_classes import check_num_classes
 from ..position_encoding import PositionEmbeddingSine
-from ..transformer import MLP, build_transformer
+from ..transformer import MLP, build_transformer, split_attention_maps
 
 __all__ = ["DETR", "padding_mask"]
 
@@ -174,6 +174,12 @@ class DETR(nn.Module):
     # (kd_detr.distill.interface.DistillableDETR): what a teacher or student of KD-DETR provides.
     box_query_groups = False  # vanilla DETR decodes content / pos groups only, not boxes
     keep_backbone_features = False  # set by the KD trainer when a KD term reads them
+    # Optional (not part of DistillableDETR): the decoder's self- and cross-attention are
+    # standard multi-head attention whose weights forward_raw returns as "attention_maps" while
+    # ``keep_attention_maps`` is set (the KD step sets it for its forward passes only when a KD
+    # term reads them; D3ETR). Deformable cross-attention has no such maps (False there).
+    decoder_attention_maps = True
+    keep_attention_maps = False
 
     @property
     def hidden_dim(self) -> int:
@@ -269,10 +275,18 @@ class DETR(nn.Module):
             queries: list of (content (B, N_i, d), pos (B, N_i, d)).
 
         Returns:
-            list[Tensor]: per query set, (L, B, N_i, d) decoder outputs.
+            list[Tensor]: per query set, (L, B, N_i, d) decoder outputs; with
+            ``keep_attention_maps`` per set a tuple (that, its attention maps: "self_attn"
+            (L, B, heads, N_i, N_i), its own block, and "cross_attn" (L, B, heads, N_i, S)).
         """
         args = (encoded["memory"], encoded["pos"])
+        need = self.keep_attention_maps
         if self.group_decoding == "separate" or len(queries) == 1:
+            if need:
+                return [
+                    self.transformer.decode(c, *args, p, encoded["mask"], need_weights=True)
+                    for c, p in queries
+                ]
             return [self.transformer.decode(c, *args, p, encoded["mask"]) for c, p in queries]
         sizes = [c.shape[1] for c, _ in queries]
         blocked = torch.ones(sum(sizes), sum(sizes), dtype=torch.bool, device=self.device)
@@ -282,6 +296,11 @@ class DETR(nn.Module):
             start += n
         content = torch.cat([c for c, _ in queries], dim=1)
         pos = torch.cat([p for _, p in queries], dim=1)
+        if need:
+            hs, maps = self.transformer.decode(
+                content, *args, pos, encoded["mask"], self_attn_mask=blocked, need_weights=True
+            )
+            return list(zip(hs.split(sizes, dim=2), split_attention_maps(maps, sizes)))
         hs = self.transformer.decode(content, *args, pos, encoded["mask"], self_attn_mask=blocked)
         return list(hs.split(sizes, dim=2))
 
@@ -305,11 +324,28 @@ class DETR(nn.Module):
         if not (grouped and torch.is_grad_enabled()):
             return decode(encoded, sets, denoising)
         first, dn = decode(encoded, sets[:1], denoising)
+        if self.keep_attention_maps:  # the recomputation (in the backward) must return them too
+            decode = self._keeping_attention_maps(decode)
         rest = []
         for group in sets[1:]:  # one checkpoint per group: the backward recomputes one at a time
             decoded, _ = checkpoint(decode, encoded, [group], None, use_reentrant=False)
             rest += list(decoded)
         return list(first) + rest, dn
+
+    def _keeping_attention_maps(self, decode: Callable) -> Callable:
+        """``decode`` run with ``keep_attention_maps`` set, whatever the flag is when it runs
+        (an activation checkpoint recomputes it in the backward pass, after the KD step has
+        restored the flag)."""
+
+        def run(*args):
+            saved = self.keep_attention_maps
+            self.keep_attention_maps = True
+            try:
+                return decode(*args)
+            finally:
+                self.keep_attention_maps = saved
+
+        return run
 
     def predict(self, hs) -> Tuple[torch.Tensor, torch.Tensor]:
         """Heads: (..., d) -> logits (..., K) and sigmoid cxcywh boxes (..., 4)."""
@@ -374,7 +410,8 @@ class DETR(nn.Module):
                 "hidden_states" (L, B, Q, d)} for every decoder layer;
               "groups": per extra group, {"pred_logits" (L, B, M, K), "pred_boxes" (L, B, M, 4),
                 "hidden_states" (L, B, M, d)} (empty list without groups);
-              "encoder": the dict returned by :meth:`encode`.
+              "encoder": the dict returned by :meth:`encode`;
+              with ``keep_attention_maps``, "attention_maps" (see :meth:`attention_outputs`).
         """
         encoded = self.encode(images)
         bsz = encoded["memory"].shape[0]
@@ -382,11 +419,28 @@ class DETR(nn.Module):
         query_pos = self.query_embed.weight[None].expand(bsz, -1, -1)
         sets = [(torch.zeros_like(query_pos), query_pos)] + groups
         hs_all, _ = self.decode_query_sets(self._decode_all, encoded, sets)
+        maps = None
+        if self.keep_attention_maps:
+            hs_all, maps = zip(*hs_all)
         per_set = []
         for hs in hs_all:
             logits, boxes = self.predict(hs)
             per_set.append({"pred_logits": logits, "pred_boxes": boxes, "hidden_states": hs})
-        return self._pack_outputs(per_set, encoded)
+        outputs = self._pack_outputs(per_set, encoded)
+        if maps is not None:
+            outputs["attention_maps"] = self.attention_outputs(maps)
+        return outputs
+
+    @staticmethod
+    def attention_outputs(maps: Sequence[Dict]) -> Dict:
+        """The "attention_maps" entry of :meth:`forward_raw` from the maps of every query set
+        (the detection queries first, then the extra groups): {"layers": {"self_attn"
+        (L, B, heads, Q, Q), "cross_attn" (L, B, heads, Q, S)}, "groups": [the same per extra
+        group, (L, B, heads, M, M) and (L, B, heads, M, S)]}. Per head, every decoder layer;
+        "self_attn" holds the set's own queries only (the block of its rows and columns: with
+        the masks keeping sets apart, each row sums to 1 over it), "cross_attn" is over the S
+        memory tokens of "encoder" (0 on padding). Denoising queries are left out."""
+        return {"layers": maps[0], "groups": list(maps[1:])}
 
     def _pack_outputs(self, per_set: List[Dict], encoded: Dict) -> Dict:
         """:meth:`forward_raw` outputs from the per-layer outputs of every query set (the

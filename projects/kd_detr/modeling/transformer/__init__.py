@@ -9,4 +9,12 @@ from .detr_transformer import (
     TransformerEncoderLayer,
 )
 from .dino_transformer import DINOTransformer
-from .layers import FFN, MLP, MultiheadAttention, build_activation, multi_head_attention
+from .layers import (
+    FFN,
+    MLP,
+    MultiheadAttention,
+    build_activation,
+    multi_head_attention,
+    split_attention_maps,
+    stack_attention_maps,
+)

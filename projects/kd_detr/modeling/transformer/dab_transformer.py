@@ -17,7 +17,7 @@ from detectron2.config import configurable
 
 from .build import TRANSFORMER_REGISTRY
 from .detr_transformer import TransformerEncoderLayer, transformer_args_from_config, xavier_init_
-from .layers import FFN, MLP, multi_head_attention
+from .layers import FFN, MLP, multi_head_attention, stack_attention_maps
 
 __all__ = [
     "DABDecoderLayer",
@@ -126,6 +126,7 @@ class DABDecoderLayer(nn.Module):
         query_sine_embed,
         memory_key_padding_mask=None,
         self_attn_mask=None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -137,14 +138,26 @@ class DABDecoderLayer(nn.Module):
             memory_key_padding_mask (Tensor): (B, S) bool, True on padding.
             self_attn_mask (Tensor): (N, N) or (B, N, N) bool, True where query i may not
                 attend to query j.
+            need_weights (bool): also return both attentions' weights (computed explicitly
+                instead of by the fused kernel; distillation of attention maps).
 
         Returns:
-            Tensor: (B, N, d).
+            Tensor: (B, N, d); with ``need_weights`` a tuple (output, self-attention weights
+            (B, heads, N, N), cross-attention weights (B, heads, N, S)).
         """
         attn_drop = self.dropout if self.training else 0.0
+        weights = []
+
+        def attend(*args, **kwargs):
+            if not need_weights:
+                return multi_head_attention(*args, **kwargs)
+            out, w = multi_head_attention(*args, need_weights=True, **kwargs)
+            weights.append(w)
+            return out
+
         q = self.sa_qcontent_proj(tgt) + self.sa_qpos_proj(query_pos)
         k = self.sa_kcontent_proj(tgt) + self.sa_kpos_proj(query_pos)
-        out = multi_head_attention(
+        out = attend(
             q, k, self.sa_v_proj(tgt), self.nhead, attn_mask=self_attn_mask, dropout=attn_drop
         )
         tgt = self.norm1(tgt + self.drop(self.self_attn_out_proj(out)))
@@ -157,7 +170,7 @@ class DABDecoderLayer(nn.Module):
             k = k + k_pos
         q = self._interleave_heads(q, self.ca_qpos_sine_proj(query_sine_embed))
         k = self._interleave_heads(k, k_pos)
-        out = multi_head_attention(
+        out = attend(
             q,
             k,
             self.ca_v_proj(memory),
@@ -166,7 +179,8 @@ class DABDecoderLayer(nn.Module):
             dropout=attn_drop,
         )
         tgt = self.norm2(tgt + self.drop(self.cross_attn_out_proj(out)))
-        return self.norm3(tgt + self.drop(self.ffn(tgt)))
+        tgt = self.norm3(tgt + self.drop(self.ffn(tgt)))
+        return (tgt, *weights) if need_weights else tgt
 
 
 class DABDecoder(nn.Module):
@@ -201,7 +215,15 @@ class DABDecoder(nn.Module):
         return box_sine_embedding(boxes, self.d_model // 2)
 
     def forward(
-        self, tgt, memory, pos, memory_key_padding_mask, boxes, box_heads, self_attn_mask=None
+        self,
+        tgt,
+        memory,
+        pos,
+        memory_key_padding_mask,
+        boxes,
+        box_heads,
+        self_attn_mask=None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -211,13 +233,16 @@ class DABDecoder(nn.Module):
             box_heads (Sequence[nn.Module]): per layer, the box head giving (B, N, 4) deltas from
                 the layer output (before the final LayerNorm) for the iterative refinement.
             self_attn_mask (Tensor): optional (N, N) bool, True = blocked.
+            need_weights (bool): also return every layer's attention maps.
 
         Returns:
             tuple[Tensor, Tensor]: every layer's output after the final LayerNorm (L, B, N, d),
-            and every layer's *input* reference boxes (L, B, N, 4) (the first is ``boxes``).
+            and every layer's *input* reference boxes (L, B, N, 4) (the first is ``boxes``);
+            with ``need_weights`` a third entry, {"self_attn" (L, B, heads, N, N),
+            "cross_attn" (L, B, heads, N, S)}.
         """
         d = self.d_model
-        outputs, references = [], []
+        outputs, references, maps = [], [], []
         for i, layer in enumerate(self.layers):
             references.append(boxes)
             sine = self.box_embedding(boxes)  # (B, N, 2d)
@@ -234,14 +259,19 @@ class DABDecoder(nn.Module):
                     ],
                     dim=-1,
                 )
-            tgt = layer(
-                tgt, memory, pos, query_pos, query_sine, memory_key_padding_mask, self_attn_mask
-            )
+            args = (memory, pos, query_pos, query_sine, memory_key_padding_mask, self_attn_mask)
+            if need_weights:
+                tgt, *weights = layer(tgt, *args, need_weights=True)
+                maps.append(weights)
+            else:
+                tgt = layer(tgt, *args)
             outputs.append(self.norm(tgt))
             if i < len(self.layers) - 1:
                 delta = box_heads[i](tgt)
                 boxes = (delta + inverse_sigmoid(boxes, self.inverse_sigmoid_eps)).sigmoid()
                 boxes = boxes.detach()
+        if need_weights:
+            return torch.stack(outputs), torch.stack(references), stack_attention_maps(maps)
         return torch.stack(outputs), torch.stack(references)
 
 
@@ -328,16 +358,19 @@ class DABTransformer(nn.Module):
         boxes,
         box_heads: Sequence[nn.Module],
         self_attn_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
     ):
         """Decode anchor-box queries; see :meth:`DABDecoder.forward`.
 
         Returns:
             tuple[Tensor, Tensor]: hidden states (L, B, N, d) and input reference boxes
-            (L, B, N, 4).
+            (L, B, N, 4); with ``need_weights`` also the attention maps (a dict, see
+            :meth:`DABDecoder.forward`).
         """
-        return self.decoder(
-            tgt, memory, pos, memory_key_padding_mask, boxes, box_heads, self_attn_mask
-        )
+        args = (tgt, memory, pos, memory_key_padding_mask, boxes, box_heads, self_attn_mask)
+        if need_weights:
+            return self.decoder(*args, need_weights=True)
+        return self.decoder(*args)
 
     def positional_queries(self, boxes):
         """Positional queries of anchor boxes, ``ref_point_head(PE(boxes))``, as the decoder

@@ -8,7 +8,7 @@ from torch import nn
 from detectron2.config import configurable
 
 from .build import TRANSFORMER_REGISTRY
-from .layers import FFN, MultiheadAttention
+from .layers import FFN, MultiheadAttention, stack_attention_maps
 
 __all__ = [
     "DETRTransformer",
@@ -128,6 +128,7 @@ class TransformerDecoderLayer(_ResidualLayer):
         query_pos=None,
         memory_key_padding_mask=None,
         self_attn_mask=None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -138,17 +139,30 @@ class TransformerDecoderLayer(_ResidualLayer):
             memory_key_padding_mask (Tensor): (B, S) bool, True on padding.
             self_attn_mask (Tensor): (N, N) or (B, N, N) bool, True where query i may not attend
                 to query j (e.g. block-diagonal masks separating query groups).
+            need_weights (bool): also return both attentions' weights (computed explicitly
+                instead of by the fused kernel; distillation of attention maps).
 
         Returns:
-            Tensor: (B, N, d).
+            Tensor: (B, N, d); with ``need_weights`` a tuple (output, self-attention weights
+            (B, heads, N, N), cross-attention weights (B, heads, N, S)), each row a softmax
+            (0 on blocked queries and padded memory tokens).
         """
+        weights = []
+
+        def attend(attn, q, k, v, **kwargs):
+            if not need_weights:
+                return attn(q, k, v, **kwargs)
+            out, w = attn(q, k, v, need_weights=True, **kwargs)
+            weights.append(w)
+            return out
 
         def self_attn(x):
             q = k = _with_pos(x, query_pos)
-            return self.self_attn(q, k, x, attn_mask=self_attn_mask)
+            return attend(self.self_attn, q, k, x, attn_mask=self_attn_mask)
 
         def cross_attn(x):
-            return self.cross_attn(
+            return attend(
+                self.cross_attn,
                 _with_pos(x, query_pos),
                 _with_pos(memory, pos),
                 memory,
@@ -157,7 +171,8 @@ class TransformerDecoderLayer(_ResidualLayer):
 
         tgt = self._residual(tgt, self.norm1, self.dropout1, self_attn)
         tgt = self._residual(tgt, self.norm2, self.dropout2, cross_attn)
-        return self._residual(tgt, self.norm3, self.dropout3, self.ffn)
+        tgt = self._residual(tgt, self.norm3, self.dropout3, self.ffn)
+        return (tgt, *weights) if need_weights else tgt
 
 
 class TransformerEncoder(nn.Module):
@@ -184,20 +199,28 @@ class TransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = norm
 
-    def forward(self, tgt, memory, **kwargs):
+    def forward(self, tgt, memory, need_weights: bool = False, **kwargs):
         """
         Args:
             tgt (Tensor): (B, N, d) query content.
             memory (Tensor): (B, S, d) encoder output.
+            need_weights (bool): also return every layer's attention weights.
             kwargs: see :meth:`TransformerDecoderLayer.forward`.
 
         Returns:
-            Tensor: (L, B, N, d), every layer's output after the final LayerNorm.
+            Tensor: (L, B, N, d), every layer's output after the final LayerNorm; with
+            ``need_weights`` a tuple (that, :func:`~.layers.stack_attention_maps` of the layers).
         """
-        outputs = []
+        outputs, maps = [], []
         for layer in self.layers:
-            tgt = layer(tgt, memory, **kwargs)
+            if need_weights:
+                tgt, *weights = layer(tgt, memory, need_weights=True, **kwargs)
+                maps.append(weights)
+            else:
+                tgt = layer(tgt, memory, **kwargs)
             outputs.append(self.norm(tgt))
+        if need_weights:
+            return torch.stack(outputs), stack_attention_maps(maps)
         return torch.stack(outputs)
 
 
@@ -263,7 +286,16 @@ class DETRTransformer(nn.Module):
         """
         return self.encoder(src, pos=pos, key_padding_mask=key_padding_mask)
 
-    def decode(self, tgt, memory, pos, query_pos, memory_key_padding_mask, self_attn_mask=None):
+    def decode(
+        self,
+        tgt,
+        memory,
+        pos,
+        query_pos,
+        memory_key_padding_mask,
+        self_attn_mask=None,
+        need_weights: bool = False,
+    ):
         """
         Args:
             tgt (Tensor): (B, N, d) query content (zeros for DETR's learned queries).
@@ -272,9 +304,11 @@ class DETRTransformer(nn.Module):
             query_pos (Tensor): (B, N, d) query positional embedding.
             memory_key_padding_mask (Tensor): (B, S) bool, True on padding.
             self_attn_mask (Tensor): optional (N, N) bool, True = blocked.
+            need_weights (bool): also return the attention maps of every decoder layer.
 
         Returns:
-            Tensor: (L, B, N, d) every decoder layer's normalised output.
+            Tensor: (L, B, N, d) every decoder layer's normalised output; with ``need_weights``
+            a tuple (that, {"self_attn" (L, B, heads, N, N), "cross_attn" (L, B, heads, N, S)}).
         """
         return self.decoder(
             tgt,
@@ -283,6 +317,7 @@ class DETRTransformer(nn.Module):
             query_pos=query_pos,
             memory_key_padding_mask=memory_key_padding_mask,
             self_attn_mask=self_attn_mask,
+            need_weights=need_weights,
         )
 
     def forward(self, src, pos, key_padding_mask, query_pos, tgt=None):

@@ -1,12 +1,20 @@
 # Copyright (c) kd_detr contributors.
 """Building blocks shared by DETR-family transformers (batch-first tensors throughout)."""
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FFN", "MLP", "MultiheadAttention", "build_activation", "multi_head_attention"]
+__all__ = [
+    "FFN",
+    "MLP",
+    "MultiheadAttention",
+    "build_activation",
+    "multi_head_attention",
+    "split_attention_maps",
+    "stack_attention_maps",
+]
 
 
 def build_activation(name: str) -> nn.Module:
@@ -63,7 +71,9 @@ def multi_head_attention(
         key_padding_mask (Tensor): (B, S) bool, True on keys to ignore (padding).
         dropout (float): dropout on attention weights (pass 0 in eval).
         scale (float): logit scale; default ``(Dqk / num_heads) ** -0.5``.
-        need_weights (bool): also return the (B, heads, Lq, S) attention weights.
+        need_weights (bool): also return the (B, heads, Lq, S) attention weights (before
+            dropout), computed next to the fused kernel: the output is the same, bit for bit, as
+            without ``need_weights``.
 
     Returns:
         Tensor: (B, Lq, Dv), or a tuple (output, weights) when ``need_weights``.
@@ -74,11 +84,10 @@ def multi_head_attention(
     k = k.reshape(bsz, len_k, num_heads, dim_qk // num_heads).transpose(1, 2)
     v = v.reshape(bsz, len_k, num_heads, dim_v // num_heads).transpose(1, 2)
     mask = _merge_masks(attn_mask, key_padding_mask, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    out = out.transpose(1, 2).reshape(bsz, len_q, dim_v)
     if not need_weights:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale
-        )
-        return out.transpose(1, 2).reshape(bsz, len_q, dim_v)
+        return out
     scale = (dim_qk // num_heads) ** -0.5 if scale is None else scale
     logits = (q * scale) @ k.transpose(-2, -1)  # (B, h, Lq, S)
     if mask is not None:
@@ -86,9 +95,34 @@ def multi_head_attention(
             logits = logits.masked_fill(~mask, float("-inf"))
         else:
             logits = logits + mask
-    weights = logits.softmax(-1)
-    out = F.dropout(weights, dropout, training=dropout > 0) @ v
-    return out.transpose(1, 2).reshape(bsz, len_q, dim_v), weights
+    return out, logits.softmax(-1)
+
+
+def stack_attention_maps(maps) -> Dict[str, torch.Tensor]:
+    """Per decoder layer (self-attention weights (B, h, N, N), cross-attention weights
+    (B, h, N, S)) -> {"self_attn": (L, B, h, N, N), "cross_attn": (L, B, h, N, S)}."""
+    return {
+        "self_attn": torch.stack([m[0] for m in maps]),
+        "cross_attn": torch.stack([m[1] for m in maps]),
+    }
+
+
+def split_attention_maps(maps: Dict[str, torch.Tensor], sizes) -> List[Dict[str, torch.Tensor]]:
+    """The maps of one decoder pass over consecutive query sets of ``sizes`` queries, per set:
+    its own diagonal block of the self-attention (its queries attending to its queries) and its
+    rows of the cross-attention. With a mask that keeps the sets apart the block holds every
+    non-zero weight of those rows."""
+    parts, start = [], 0
+    for n in sizes:
+        end = start + n
+        parts.append(
+            {
+                "self_attn": maps["self_attn"][..., start:end, start:end],
+                "cross_attn": maps["cross_attn"][..., start:end, :],
+            }
+        )
+        start = end
+    return parts
 
 
 class MultiheadAttention(nn.Module):

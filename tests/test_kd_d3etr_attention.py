@@ -111,7 +111,7 @@ class TestDecoderMaps(unittest.TestCase):
                          blocked_tokens)  # fmt: skip
         np.testing.assert_allclose(np_(cross_attn), c, atol=1e-6)
 
-    def test_dab_layer_self_attention_against_float64(self):
+    def test_dab_layer_against_float64(self):
         tgt, memory, pos, query_pos, padding, blocked = decoder_inputs(1)
         sine = torch.randn(tgt.shape, generator=torch.Generator().manual_seed(9))
         layer = DABDecoderLayer(8, 2, 16, dropout=0.0, is_first=True).eval()
@@ -124,8 +124,26 @@ class TestDecoderMaps(unittest.TestCase):
         x, qp = np_(tgt), np_(query_pos)
         q = linear(x, layer.sa_qcontent_proj) + linear(qp, layer.sa_qpos_proj)
         k = linear(x, layer.sa_kcontent_proj) + linear(qp, layer.sa_kpos_proj)
-        expected = np_attention(q, k, 2, np_(blocked)[None].astype(bool))
-        np.testing.assert_allclose(np_(self_attn), expected, atol=1e-6)
+        a = np_attention(q, k, 2, np_(blocked)[None].astype(bool))
+        np.testing.assert_allclose(np_(self_attn), a, atol=1e-6)
+        # conditional cross-attention: per head [content (+ positional) | sine], width 2d / h
+        v = np_heads(linear(x, layer.sa_v_proj), 2)
+        mixed = (a @ v).transpose(0, 2, 1, 3).reshape(x.shape)
+        x1 = layer_norm(x + linear(mixed, layer.self_attn_out_proj), layer.norm1)
+        mem, mpos = np_(memory), np_(pos)
+
+        def interleave(u, w):  # (B, L, d) x 2 -> (B, L, 2d), per head [u_h | w_h]
+            b, n, d = u.shape
+            return np.concatenate([u.reshape(b, n, 2, d // 2), w.reshape(b, n, 2, d // 2)],
+                                  -1).reshape(b, n, 2 * d)  # fmt: skip
+
+        k_pos = linear(mpos, layer.ca_kpos_proj)
+        q = interleave(linear(x1, layer.ca_qcontent_proj) + linear(qp, layer.ca_qpos_proj),
+                       linear(np_(sine), layer.ca_qpos_sine_proj))  # fmt: skip
+        k = interleave(linear(mem, layer.ca_kcontent_proj) + k_pos, k_pos)
+        blocked_tokens = np.broadcast_to(np_(padding)[:, None].astype(bool), (2, 5, 7))
+        np.testing.assert_allclose(np_(cross_attn), np_attention(q, k, 2, blocked_tokens),
+                                   atol=1e-6)  # fmt: skip
 
 
 def tiny_model(config_file, *opts, seed=0):

@@ -138,8 +138,8 @@ class DABDecoderLayer(nn.Module):
             memory_key_padding_mask (Tensor): (B, S) bool, True on padding.
             self_attn_mask (Tensor): (N, N) or (B, N, N) bool, True where query i may not
                 attend to query j.
-            need_weights (bool): also return both attentions' weights (computed explicitly
-                instead of by the fused kernel; distillation of attention maps).
+            need_weights (bool): also return both attentions' weights (computed next to
+                the fused kernel, which still gives the output; distillation of attention maps).
 
         Returns:
             Tensor: (B, N, d); with ``need_weights`` a tuple (output, self-attention weights

@@ -308,29 +308,38 @@ class D3ETRLoss(KDTerm):
         padding = s_mem["padding_mask"] | t_mem["padding_mask"] if self.attn_weights[1] else None
         return s_maps, t_maps, padding
 
-    def adaptive_losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
-        """Adaptive matching of every student layer: the student's detection queries
-        (L_s, B, Q, .) against the teacher's (L_t, B, N, .), Hungarian-matched per layer."""
-        student = context.student_outputs["layers"]
-        teacher = context.teacher_detections
+    def _matched_layers(self, kind: str, student: Dict, teacher: Dict, maps, pairs_of):
+        """Losses of every student layer l against teacher layer t(l): predictions (L_s, B, ., .)
+        and (L_t, B, N, .), ``maps`` from :meth:`_maps` (or None), ``pairs_of(s_out, t_out)``
+        the layer's pairs."""
         num_s, num_t = student["pred_logits"].shape[0], teacher["pred_logits"].shape[0]
-        maps = self._maps(context) if any(self.attn_weights) else None
         losses = {}
         for layer in range(num_s):
             t_layer = teacher_layer(layer, num_s, num_t)
             s_out = {k: student[k][layer] for k in _KEYS}
             t_out = {k: teacher[k][t_layer] for k in _KEYS}
-            targets = [{"labels": t_out["pred_logits"][b], "boxes": t_out["pred_boxes"][b]}
-                       for b in range(t_out["pred_logits"].shape[0])]  # fmt: skip
-            pairs = self.matcher({k: v.detach() for k, v in s_out.items()}, targets)
-            losses.update(self._layer_losses("adaptive", s_out, t_out, pairs, layer, num_s))
+            pairs = pairs_of(s_out, t_out)
+            losses.update(self._layer_losses(kind, s_out, t_out, pairs, layer, num_s))
             if maps is not None:
                 s_maps, t_maps, padding = maps
                 losses.update(self._attention_losses(
-                    "adaptive", {k: v[layer] for k, v in s_maps.items()},
+                    kind, {k: v[layer] for k, v in s_maps.items()},
                     {k: v[t_layer] for k, v in t_maps.items()}, pairs, padding, layer, num_s,
                 ))  # fmt: skip
         return losses
+
+    def adaptive_losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
+        """Adaptive matching of every student layer: the student's detection queries
+        (L_s, B, Q, .) against the teacher's (L_t, B, N, .), Hungarian-matched per layer."""
+
+        def hungarian(s_out, t_out):
+            targets = [{"labels": t_out["pred_logits"][b], "boxes": t_out["pred_boxes"][b]}
+                       for b in range(t_out["pred_logits"].shape[0])]  # fmt: skip
+            return self.matcher({k: v.detach() for k, v in s_out.items()}, targets)
+
+        maps = self._maps(context) if any(self.attn_weights) else None
+        return self._matched_layers("adaptive", context.student_outputs["layers"],
+                                    context.teacher_detections, maps, hungarian)  # fmt: skip
 
     def fixed_losses(self, context: KDContext) -> Dict[str, torch.Tensor]:
         """Fixed matching of every student layer: the student's outputs on the teacher's queries
@@ -343,7 +352,6 @@ class D3ETRLoss(KDTerm):
                 "MODEL.KD.SPECIFIC.ENABLED True"
             )
         student, teacher = group.student, context.teacher_detections
-        num_s, num_t = student["pred_logits"].shape[0], teacher["pred_logits"].shape[0]
         batch_size, num = teacher["pred_logits"].shape[1:3]
         if tuple(student["pred_logits"].shape[1:3]) != (batch_size, num):
             raise RuntimeError(
@@ -355,19 +363,7 @@ class D3ETRLoss(KDTerm):
         maps = None
         if any(self.attn_weights):  # the group's index among the student's extra groups
             maps = self._maps(context, [p.name for p in context.pairs].index("specific"))
-        losses = {}
-        for layer in range(num_s):
-            t_layer = teacher_layer(layer, num_s, num_t)
-            s_out = {k: student[k][layer] for k in _KEYS}
-            t_out = {k: teacher[k][t_layer] for k in _KEYS}
-            losses.update(self._layer_losses("fixed", s_out, t_out, pairs, layer, num_s))
-            if maps is not None:
-                s_maps, t_maps, padding = maps
-                losses.update(self._attention_losses(
-                    "fixed", {k: v[layer] for k, v in s_maps.items()},
-                    {k: v[t_layer] for k, v in t_maps.items()}, pairs, padding, layer, num_s,
-                ))  # fmt: skip
-        return losses
+        return self._matched_layers("fixed", student, teacher, maps, lambda *_: pairs)
 
     def forward(self, context: KDContext) -> Dict[str, torch.Tensor]:
         with full_precision(context):

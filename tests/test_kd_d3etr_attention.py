@@ -4,8 +4,9 @@ independent float64 recomputation from a layer's weights, rows that sum to 1 and
 attention is blocked; each query set's own block under group decoding (masked, separate,
 checkpointed, with denoising queries); outputs bit-identical with and without the maps; the
 self- and cross-attention losses of both matchings against float64 numpy on hand-made maps
-(equal and different head counts); gradients to the student only; the start-up error on
-models without maps (Deformable DETR, DINO); KD steps with the attention terms."""
+(equal and different head counts); gradients to the student only; KD steps with the attention
+terms. Deformable DETR / DINO maps and the start-up error on models without maps (RT-DETR,
+D-FINE): tests/test_kd_d3etr_deformable.py."""
 import math
 import os
 import tempfile
@@ -390,34 +391,6 @@ class TestAttentionLosses(unittest.TestCase):
     def test_weights_must_not_be_negative(self):
         with self.assertRaisesRegex(ValueError, "D3ETRLoss.*SELF_ATTN_WEIGHT"):
             D3ETRLoss(self_attn_weight=-1.0)
-
-
-class TestModelsWithoutMaps(unittest.TestCase):
-    def test_startup_error_on_deformable_and_dino(self):
-        dab = tiny_model(DAB_TINY)
-        self.assertTrue(dab.decoder_attention_maps)
-        for name in ("deformable_detr_tiny_parity.yaml", "dino_tiny.yaml"):
-            model = tiny_model(os.path.join(TESTS, name))
-            cls = type(model).__name__
-            self.assertFalse(model.decoder_attention_maps)
-            for student, teacher, role in ((dab, model, "teacher"), (model, dab, "student")):
-                with self.assertRaisesRegex(
-                    ValueError, f"D3ETRLoss.*{role} \\({cls}\\).*SELF_ATTN_WEIGHT 0.*"
-                    "CROSS_ATTN_WEIGHT 0"
-                ):
-                    attention_term(fixed=False).bind(student, teacher)
-            D3ETRLoss(fixed=False).bind(dab, model)  # the prediction terms alone: fine
-
-    def test_dino_kd_config_stops_at_startup(self):
-        config_file = os.path.join(TESTS, "dino_tiny.yaml")
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = save_teacher(tmp, config_file=config_file)
-            cfg = kd_student_cfg(config_file, tmp, weights)
-            cfg.merge_from_list(
-                ["MODEL.KD.LOSSES", "['D3ETRLoss']", "MODEL.KD.GENERAL.ENABLED", "False"]
-            )
-            with self.assertRaisesRegex(ValueError, "D3ETRLoss.*DINO.*SELF_ATTN_WEIGHT 0"):
-                run_kd_step(cfg, config_file, [])
 
 
 class TestKDSteps(unittest.TestCase):

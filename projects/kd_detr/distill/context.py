@@ -28,7 +28,8 @@ __all__ = ["KD_INPUTS", "KDContext", "PointPair", "encoder_memory"]
 #   "attention": ``outputs["attention_maps"]`` of both models, every decoder layer's self- and
 #       cross-attention weights of the detection queries and of every extra group (the models
 #       keep them only for the KD step's forward passes, and only when asked; models with
-#       ``decoder_attention_maps``: DETR, DAB-DETR; see :meth:`KDContext.attention_maps`).
+#       ``decoder_attention_maps``: DETR, DAB-DETR, Deformable DETR, DINO; see
+#       :meth:`KDContext.attention_maps`).
 KD_INPUTS = (
     "points", "targets", "matching", "backbone_features", "encoder_memory", "distributions",
     "detections", "attention",

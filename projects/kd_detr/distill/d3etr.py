@@ -1,7 +1,8 @@
 # Copyright (c) kd_detr contributors.
 """D3ETR, decoder distillation for detection transformers (Chen et al., arXiv 2211.09768,
 IJCAI 2024), for DETR-family students: its MixMatcher's prediction distillation and, on models
-whose decoders use standard attention (DETR, DAB-DETR), its attention-map distillation.
+whose decoders return attention maps (DETR, DAB-DETR, Deformable DETR, DINO), its attention-map
+distillation.
 
 Notation: student layer l (of L_s), teacher layer t(l) = max(0, l + L_t - L_s) (layer by layer
 for equal depths, the final layers aligned otherwise; see
@@ -15,7 +16,9 @@ sum_c BCE(z_s, sigmoid(z_t)), softmax models -sum_k softmax(z_t)_k log softmax(z
     giou = sum_P (1 - GIoU(b_s, b_t)) / n_P,  weighted 1 / 5 / 2.
 
 With the layer's self-attention maps A (B, h, ., .) and cross-attention maps X (B, h, ., S) over
-the S encoder-memory tokens (``KDContext.attention_maps``; per head, each row a softmax), P_b
+the S encoder-memory tokens (``KDContext.attention_maps``; per head, each row a softmax, or for
+deformable decoders the sampling weights scattered bilinearly onto the multi-scale tokens, see
+:func:`~kd_detr.modeling.transformer.ms_deform_attn.sampling_attention_map`), P_b
 the pairs (s_i, t_i) of image b, n_b = |P_b|, S_b the tokens padded in neither model:
 
     self_attn = sum_b sum_h sum_{i, j in P_b} (A_s[b, h, s_i, s_j] - A_t[b, h, t_i, t_j])^2
@@ -56,11 +59,12 @@ come from TPRD's D3ETR re-implementation (xingyitong1/TPRD, projects/deformable_
 distill_criterion.py loss_attn_distill; D3DETR_TPRD/attention.py attn_map_to_flat_grid;
 cfg_distill/D3DETR weight_dict *_loss_self_attn / *_loss_cross_attn); the paper's full text was
 not available here to check them against. Deviations: TPRD's cross-attention maps are
-Deformable DETR's sampling weights scattered onto the multi-scale token grid and summed over
-all queries; ours are the standard cross-attention of DETR / DAB-DETR over the single-scale
-memory, summed over the paired queries (all of them when Q = N, as in the recipes), and the
-mean leaves padded tokens out. Deformable DETR, DINO, RT-DETR and D-FINE have no such maps:
-their attention weights must be 0 (checked at start-up).
+Deformable DETR's sampling weights scattered onto the multi-scale token grid (at x w_l, without
+the half-cell shift of the bilinear sampling) and summed over all queries; ours are the standard
+cross-attention of DETR / DAB-DETR, or the sampling weights of Deformable DETR / DINO scattered
+where the kernel reads them, summed over the paired queries (all of them when Q = N, as in the
+recipes), and the mean leaves padded tokens out. RT-DETR and D-FINE return no maps: their
+attention weights must be 0 (checked at start-up).
 """
 from typing import Dict, List, Sequence, Tuple
 
@@ -114,9 +118,9 @@ def add_d3etr_config(cfg):
     # Attention-map distillation, both matchings, every decoder layer (TPRD's D3ETR
     # weight_dict: distill_loss_self_attn / teacher_loss_self_attn 10000.0, distill_loss_cross_attn
     # / teacher_loss_cross_attn 1000.0): MSE of the paired queries' decoder self-attention maps,
-    # and of the memory maps their cross-attention sums to. Needs decoders with standard
-    # attention in both models (DETR, DAB-DETR); 0 turns a term off (Deformable DETR, DINO,
-    # RT-DETR and D-FINE have no maps: set both to 0 there).
+    # and of the memory maps their cross-attention sums to. Needs decoders that return maps in
+    # both models (DETR, DAB-DETR, Deformable DETR, DINO); 0 turns a term off (RT-DETR and
+    # D-FINE have no maps: set both to 0 there).
     d.SELF_ATTN_WEIGHT = 10000.0
     d.CROSS_ATTN_WEIGHT = 1000.0
 
@@ -252,10 +256,10 @@ class D3ETRLoss(KDTerm):
             if not getattr(model, "decoder_attention_maps", False):
                 raise ValueError(
                     f"D3ETRLoss ({_ATTN} > 0) distils decoder attention maps, but the {role} "
-                    f"({type(model).__name__}) has none: its decoder's cross-attention samples "
-                    "points (deformable attention) instead of attending over the memory tokens. "
-                    "Use a DETR or DAB-DETR teacher and student, or set "
-                    "MODEL.KD.D3ETR.SELF_ATTN_WEIGHT 0 and MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT 0"
+                    f"({type(model).__name__}) does not return them (its decoder is not one "
+                    "that does). Use DETR, DAB-DETR, Deformable DETR or DINO teachers and "
+                    "students, or set MODEL.KD.D3ETR.SELF_ATTN_WEIGHT 0 and "
+                    "MODEL.KD.D3ETR.CROSS_ATTN_WEIGHT 0"
                 )
 
     def _layer_losses(

@@ -19,7 +19,7 @@ from detectron2.structures import ImageList
 
 from ..position_encoding import PositionEmbeddingSine
 from ..query_groups import block_diagonal_mask, check_box_group
-from ..transformer import MLP
+from ..transformer import MLP, split_attention_maps
 from ..transformer.deformable_transformer import reference_logits
 from ..transformer.query_selection import (
     EncoderProposals,
@@ -84,7 +84,9 @@ class DeformableDETR(DETR):
 
     # Decodes extra query groups of boxes (distillation points): DistillableDETR interface.
     box_query_groups = True
-    decoder_attention_maps = False  # deformable cross-attention samples points: no maps
+    # "attention_maps" with ``keep_attention_maps``: the decoder's self-attention weights and
+    # its deformable cross-attention's sampling weights scattered onto the memory tokens.
+    decoder_attention_maps = True
 
     def detection_query_content(self, batch_size: int, outputs: Dict) -> torch.Tensor:
         """(B, Q, d) content the detection queries started from in ``outputs`` (image-dependent
@@ -302,12 +304,17 @@ class DeformableDETR(DETR):
 
         Returns:
             list[tuple]: per set, hidden states (L, B, N_i, d), input references (L, B, N_i, 4)
-            and their point masks (L, N_i).
+            and their point masks (L, N_i); with ``keep_attention_maps`` a fourth entry, the
+            set's attention maps (see :meth:`DETR.decode`; "cross_attn" over the S multi-scale
+            memory tokens).
         """
         heads = self._heads()[1] if self.with_box_refine else None
+        need = self.keep_attention_maps
         if self.group_decoding == "separate" or len(queries) == 1:
             return [
-                self.transformer.decode(c, p, b, encoded, point_mask=m, box_heads=heads)
+                self.transformer.decode(
+                    c, p, b, encoded, point_mask=m, box_heads=heads, need_weights=need
+                )
                 for c, p, b, m in queries
             ]
         sizes = [q[0].shape[1] for q in queries]
@@ -318,7 +325,7 @@ class DeformableDETR(DETR):
                 for n, (*_, m) in zip(sizes, queries)
             ]
         )
-        hs, refs, masks = self.transformer.decode(
+        decoded = self.transformer.decode(
             content,
             pos,
             boxes,
@@ -326,8 +333,13 @@ class DeformableDETR(DETR):
             point_mask=point_mask,
             box_heads=heads,
             self_attn_mask=block_diagonal_mask(sizes, boxes.device),
+            need_weights=need,
         )
-        return list(zip(hs.split(sizes, 2), refs.split(sizes, 2), masks.split(sizes, 1)))
+        hs, refs, masks = decoded[:3]
+        parts = list(zip(hs.split(sizes, 2), refs.split(sizes, 2), masks.split(sizes, 1)))
+        if need:
+            return [(*p, m) for p, m in zip(parts, split_attention_maps(decoded[3], sizes))]
+        return parts
 
     def predict(self, hs, references, point_masks) -> Dict[str, torch.Tensor]:
         """Heads of every layer: logits (L, B, N, C), boxes (L, B, N, 4), and the reported
@@ -365,7 +377,8 @@ class DeformableDETR(DETR):
         Returns:
             dict as :meth:`DABDETR.forward_raw`; "layers" also holds "query_content" (B, Q, d),
             and two-stage adds "enc_outputs" {"pred_logits" (B, S, C), "pred_boxes" (B, S, 4)}
-            of the encoder proposals.
+            of the encoder proposals. With ``keep_attention_maps``, "attention_maps"
+            (:meth:`DETR.attention_outputs`, "cross_attn" over the multi-scale memory tokens).
         """
         encoded = self.encode(images)
         bsz = encoded["memory"].shape[0]
@@ -373,11 +386,17 @@ class DeformableDETR(DETR):
         detection, enc_outputs = self._detection_queries(encoded)
         sets = [detection] + [self._group_queries(b, c) for b, c in groups]
         decoded, _ = self.decode_query_sets(self._decode_all, encoded, sets)
+        maps = None
+        if self.keep_attention_maps:
+            maps = [out[3] for out in decoded]
+            decoded = [out[:3] for out in decoded]
         per_set = [self.predict(*out) for out in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)
         if enc_outputs is not None:
             outputs["enc_outputs"] = enc_outputs
+        if maps is not None:
+            outputs["attention_maps"] = self.attention_outputs(maps)
         return outputs
 
     # ---------------------------------------------------------------- losses

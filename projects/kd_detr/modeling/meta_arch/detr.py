@@ -177,7 +177,9 @@ class DETR(nn.Module):
     # Optional (not part of DistillableDETR): the decoder's self- and cross-attention are
     # standard multi-head attention whose weights forward_raw returns as "attention_maps" while
     # ``keep_attention_maps`` is set (the KD step sets it for its forward passes only when a KD
-    # term reads them; D3ETR). Deformable cross-attention has no such maps (False there).
+    # term reads them; D3ETR). Deformable DETR and DINO return their deformable
+    # cross-attention's sampling weights scattered onto the memory tokens; RT-DETR and D-FINE
+    # return none (False there).
     decoder_attention_maps = True
     keep_attention_maps = False
 

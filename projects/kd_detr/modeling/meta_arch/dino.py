@@ -24,6 +24,7 @@ from ..denoising import (
 )
 from ..position_encoding import PositionEmbeddingSine
 from ..query_groups import joint_query_pass
+from ..transformer import split_attention_maps
 from ..transformer.dab_transformer import inverse_sigmoid
 from ..transformer.query_selection import EncoderProposals, topk_indices
 from .deformable_detr import DeformableDETR
@@ -207,12 +208,27 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
 
         Returns:
             tuple: per query set, (hidden states (L, B, N_i, d), references (L, B, N_i, 4));
-            and the denoising queries' pair, or None.
+            and the denoising queries' pair, or None. With ``keep_attention_maps`` every query
+            set's tuple has a third entry, its attention maps (see :meth:`DETR.decode`; the
+            denoising queries have none).
         """
         heads = self._heads()[1][:-1]
         content, boxes, sizes, mask, num_joint = joint_query_pass(
             queries, self.group_decoding, denoising
         )
+        if self.keep_attention_maps:
+            hs, refs, maps = self.transformer.decode(
+                content, boxes, encoded, heads, mask, need_weights=True
+            )
+            parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
+            own = split_attention_maps(maps, sizes)
+            dn_part = parts.pop(0) if denoising is not None else None
+            own = own[1:] if denoising is not None else own
+            rest = [
+                self.transformer.decode(c, b, encoded, heads, need_weights=True)
+                for c, b in queries[num_joint:]
+            ]
+            return [(*p, m) for p, m in zip(parts, own)] + rest, dn_part
         hs, refs = self.transformer.decode(content, boxes, encoded, heads, mask)
         parts = list(zip(hs.split(sizes, dim=2), refs.split(sizes, dim=2)))
         dn_part = parts.pop(0) if denoising is not None else None
@@ -256,7 +272,9 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
             "reference_boxes" (L, B, N, 4), "layers" holds "query_content" (B, Q, d);
             "enc_outputs" holds the selected proposals' {"pred_logits" (B, Q, C),
             "pred_boxes" (B, Q, 4)}; with ``denoising``, "denoising" holds the denoising
-            queries' per-layer outputs plus "queries".
+            queries' per-layer outputs plus "queries". With ``keep_attention_maps``,
+            "attention_maps" (:meth:`DETR.attention_outputs`, "cross_attn" over the multi-scale
+            memory tokens; denoising queries left out).
         """
         encoded = self.encode(images)
         bsz = encoded["memory"].shape[0]
@@ -264,12 +282,14 @@ class DINO(DenoisingForwardMixin, DeformableDETR):
         detection, enc_outputs = self._detection_queries(encoded)
         sets = [detection] + [self._group_queries(b, c) for b, c in groups]
         decoded, dn_decoded = self.decode_query_sets(self.decode, encoded, sets, denoising)
-        per_set = [self.predict(hs, refs) for hs, refs in decoded]
+        per_set = [self.predict(out[0], out[1]) for out in decoded]
         per_set[0]["query_content"] = detection[0]
         outputs = self._pack_outputs(per_set, encoded)
         outputs["enc_outputs"] = enc_outputs
         if dn_decoded is not None:
             outputs["denoising"] = dict(self.predict(*dn_decoded), queries=denoising)
+        if self.keep_attention_maps:
+            outputs["attention_maps"] = self.attention_outputs([out[2] for out in decoded])
         return outputs
 
     # ---------------------------------------------------------------- losses

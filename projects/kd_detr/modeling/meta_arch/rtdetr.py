@@ -96,7 +96,7 @@ class RTDETR(DenoisingForwardMixin, DETR):
     """
 
     box_query_groups = True
-    decoder_attention_maps = False  # deformable cross-attention samples points: no maps
+    decoder_attention_maps = False  # its decoder does not return attention maps
 
     def detection_query_content(self, batch_size: int, outputs: Dict) -> Optional[torch.Tensor]:
         """(B, Q, d) content the detection queries started from in ``outputs`` (selected

@@ -21,7 +21,7 @@ from detectron2.config import configurable
 from .build import TRANSFORMER_REGISTRY
 from .dab_transformer import inverse_sigmoid
 from .detr_transformer import transformer_args_from_config
-from .layers import FFN, MultiheadAttention
+from .layers import FFN, MultiheadAttention, stack_attention_maps
 from .ms_deform_attn import MSDeformAttn
 
 __all__ = [
@@ -157,6 +157,7 @@ class DeformableDecoderLayer(nn.Module):
         padding_mask,
         point_mask=None,
         self_attn_mask=None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -165,18 +166,32 @@ class DeformableDecoderLayer(nn.Module):
             memory (Tensor): (B, S, d); ``padding_mask`` (B, S) True on padding.
             point_mask (Tensor): optional (N,) bool, rows of ``reference`` that are points.
             self_attn_mask (Tensor): optional (N, N) bool, True = blocked.
+            need_weights (bool): also return the self-attention weights (B, heads, N, N) and the
+                cross-attention map over the memory tokens (B, heads, N, S) (the sampling
+                weights scattered onto the token grid, see
+                :func:`~.ms_deform_attn.sampling_attention_map`), computed next to the fused
+                paths: the output is the same, bit for bit.
 
         Returns:
-            Tensor: (B, N, d).
+            Tensor: (B, N, d); with ``need_weights`` a tuple (output, self-attention weights,
+            cross-attention map).
         """
         q = k = tgt + query_pos
-        out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
+        if need_weights:
+            out, self_weights = self.self_attn(q, k, tgt, attn_mask=self_attn_mask,
+                                               need_weights=True)  # fmt: skip
+        else:
+            out = self.self_attn(q, k, tgt, attn_mask=self_attn_mask)
         tgt = self.norm1(tgt + self.dropout1(out))
         out = self.cross_attn(
-            tgt + query_pos, reference, memory, spatial_shapes, padding_mask, point_mask
-        )
+            tgt + query_pos, reference, memory, spatial_shapes, padding_mask, point_mask,
+            need_weights,
+        )  # fmt: skip
+        if need_weights:
+            out, cross_map = out
         tgt = self.norm2(tgt + self.dropout2(out))
-        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+        tgt = self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+        return (tgt, self_weights, cross_map) if need_weights else tgt
 
 
 class DeformableDecoder(nn.Module):
@@ -199,6 +214,7 @@ class DeformableDecoder(nn.Module):
         point_mask: Optional[torch.Tensor] = None,
         box_heads: Optional[Sequence[nn.Module]] = None,
         self_attn_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -209,30 +225,39 @@ class DeformableDecoder(nn.Module):
             box_heads: per layer, a head giving (B, N, 4) offsets of the reference logits
                 (:func:`reference_logits`) from the layer output; None: no refinement.
             self_attn_mask (Tensor): optional (N, N) bool, True = blocked.
+            need_weights (bool): also return every layer's attention maps.
 
         Returns:
             tuple: outputs (L, B, N, d), input references (L, B, N, 4) of every layer, and
-            (L, N) bool point masks of those references (all False once refined).
+            (L, N) bool point masks of those references (all False once refined); with
+            ``need_weights`` a fourth entry, {"self_attn" (L, B, heads, N, N), "cross_attn"
+            (L, B, heads, N, S)} (:func:`~.layers.stack_attention_maps`).
         """
         n = boxes.shape[1]
         no_points = torch.zeros(n, dtype=torch.bool, device=boxes.device)
         point_mask = no_points if point_mask is None else point_mask
         scale = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
-        outputs, references, masks = [], [], []
+        outputs, references, masks, maps = [], [], [], []
         for i, layer in enumerate(self.layers):
             references.append(boxes)
             masks.append(point_mask)
             reference = boxes[:, :, None] * scale
-            tgt = layer(
+            args = (
                 tgt, query_pos, reference, memory, spatial_shapes, padding_mask,
                 point_mask if point_mask.any() else None, self_attn_mask,
             )  # fmt: skip
+            if need_weights:
+                tgt, *weights = layer(*args, need_weights=True)
+                maps.append(weights)
+            else:
+                tgt = layer(*args)
             outputs.append(tgt)
             if box_heads is not None and i < len(self.layers) - 1:
                 logits = reference_logits(boxes, point_mask, self.inverse_sigmoid_eps)
                 boxes = (box_heads[i](tgt) + logits).sigmoid().detach()
                 point_mask = no_points
-        return torch.stack(outputs), torch.stack(references), torch.stack(masks)
+        decoded = torch.stack(outputs), torch.stack(references), torch.stack(masks)
+        return (*decoded, stack_attention_maps(maps)) if need_weights else decoded
 
 
 @TRANSFORMER_REGISTRY.register()
@@ -350,7 +375,7 @@ class DeformableTransformer(nn.Module):
 
     def decode(self, tgt, query_pos, boxes, encoded: Dict, **kwargs):
         """Decode queries against :meth:`encode`'s output; ``kwargs`` (point_mask, box_heads,
-        self_attn_mask) and the result as :meth:`DeformableDecoder.forward`."""
+        self_attn_mask, need_weights) and the result as :meth:`DeformableDecoder.forward`."""
         return self.decoder(
             tgt,
             query_pos,

@@ -20,7 +20,7 @@ from detectron2.config import configurable
 from .build import TRANSFORMER_REGISTRY
 from .dab_transformer import box_sine_embedding, inverse_sigmoid
 from .deformable_transformer import DeformableTransformer
-from .layers import MLP
+from .layers import MLP, stack_attention_maps
 
 __all__ = ["DINODecoder", "DINOTransformer"]
 
@@ -61,6 +61,7 @@ class DINODecoder(nn.Module):
         padding_mask,
         box_heads: Sequence[nn.Module],
         self_attn_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -70,17 +71,20 @@ class DINODecoder(nn.Module):
             memory, spatial_shapes, ratios, padding_mask: see :meth:`DeformableEncoder.forward`.
             box_heads: L heads giving (B, N, 4) offsets of ``inverse_sigmoid(reference)``.
             self_attn_mask (Tensor): optional (N, N) or (B, N, N) bool, True = blocked.
+            need_weights (bool): also return every layer's attention maps.
 
         Returns:
             tuple[Tensor, Tensor]: normalised outputs (L, B, N, d) and the references (L, B, N, 4)
             each layer's prediction is built on: the initial boxes for layer 0, then the refined
             boxes of the previous layer, undetached with look-forward-twice (their values equal
-            the detached boxes the next layer's attention used).
+            the detached boxes the next layer's attention used); with ``need_weights`` a third
+            entry, {"self_attn" (L, B, heads, N, N), "cross_attn" (L, B, heads, N, S)} (see
+            :meth:`.deformable_transformer.DeformableDecoderLayer.forward`).
         """
         if len(box_heads) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} box heads, got {len(box_heads)}")
         scale = torch.cat([ratios, ratios], -1)[:, None]  # (B, 1, L, 4)
-        outputs, references = [], []
+        outputs, references, maps = [], [], []
         for i, (layer, head) in enumerate(zip(self.layers, box_heads)):
             references.append(boxes)
             boxes = boxes.detach()  # the layer itself only sees a detached reference
@@ -88,22 +92,30 @@ class DINODecoder(nn.Module):
             # DINO embeds the reference scaled by the first level's valid ratio.
             sine = box_sine_embedding(reference[:, :, 0], self.d_model // 2)
             query_pos = self.ref_point_head(sine)
-            tgt = layer(
+            args = (
                 tgt, query_pos, reference, memory, spatial_shapes, padding_mask, None,
                 self_attn_mask,
             )  # fmt: skip
+            if need_weights:
+                tgt, *weights = layer(*args, need_weights=True)
+                maps.append(weights)
+            else:
+                tgt = layer(*args)
             outputs.append(self.norm(tgt))
             if i < len(self.layers) - 1:
                 # Refinement from the un-normalised output, as the official code.
                 refined = (head(tgt) + inverse_sigmoid(boxes, self.inverse_sigmoid_eps)).sigmoid()
                 boxes = refined if self.look_forward_twice else refined.detach()
+        if need_weights:
+            return torch.stack(outputs), torch.stack(references), stack_attention_maps(maps)
         return torch.stack(outputs), torch.stack(references)
 
 
 @TRANSFORMER_REGISTRY.register()
 class DINOTransformer(DeformableTransformer):
     """:class:`DeformableTransformer` (level embeddings, deformable encoder) with a
-    :class:`DINODecoder`; ``decode(tgt, boxes, encoded, box_heads, self_attn_mask)``.
+    :class:`DINODecoder`; ``decode(tgt, boxes, encoded, box_heads, self_attn_mask,
+    need_weights)``.
 
     Args:
         look_forward_twice (bool): see :class:`DINODecoder`.
@@ -127,7 +139,7 @@ class DINOTransformer(DeformableTransformer):
             "look_forward_twice": cfg.MODEL.DETR.DINO.LOOK_FORWARD_TWICE,
         }
 
-    def decode(self, tgt, boxes, encoded, box_heads, self_attn_mask=None):
+    def decode(self, tgt, boxes, encoded, box_heads, self_attn_mask=None, need_weights=False):
         """Decode queries against :meth:`encode`'s output; see :meth:`DINODecoder.forward`."""
         return self.decoder(
             tgt,
@@ -138,4 +150,5 @@ class DINOTransformer(DeformableTransformer):
             encoded["mask"],
             box_heads,
             self_attn_mask,
+            need_weights,
         )

@@ -27,6 +27,7 @@ __all__ = [
     "ms_deform_attn",
     "ms_deform_attn_core_pytorch",
     "register_kernel",
+    "sampling_attention_map",
     "select_kernel",
 ]
 
@@ -63,6 +64,59 @@ def ms_deform_attn_core_pytorch(value, spatial_shapes: Shapes, sampling_location
         # stacked (B*H, Dh, Q, L*P) copy (CPU: about 15% faster at encoder sizes).
         out = out + (sampled * weights[..., lvl, :]).sum(-1)
     return out.view(bsz, heads * head_dim, num_q).transpose(1, 2).contiguous()
+
+
+def sampling_attention_map(spatial_shapes: Shapes, sampling_locations, weights, padding_mask=None):
+    """The attention map of deformable attention over the flattened multi-scale tokens.
+
+    Every sample is bilinear (``F.grid_sample``, ``align_corners=False``): a location (x, y) on
+    level l reads the token grid at the continuous cell coordinate (u, v) = (x w_l - 1/2,
+    y h_l - 1/2), i.e. the four tokens (floor(u) + i, floor(v) + j), i, j in {0, 1}, with
+    bilinear factors (1 - |u - u_ij|)(1 - |v - v_ij|). The map puts the sample's attention
+    weight times each factor on that token (index ``start_l + row * w_l + col`` in the order of
+    :func:`ms_deform_attn_core_pytorch`'s ``value``) and adds up all samples of a query and
+    head. Corners outside the level's grid are dropped (zero padding reads 0 there), as are
+    tokens flagged in ``padding_mask`` (their values are zeroed), so a row sums to 1 less the
+    weight that falls outside the grid or on padding. Differentiable in both the locations and
+    the weights.
+
+    Args:
+        spatial_shapes: L pairs (h_l, w_l).
+        sampling_locations (Tensor): (B, Q, H, L, P, 2) as :func:`ms_deform_attn_core_pytorch`.
+        weights (Tensor): (B, Q, H, L, P) attention weights.
+        padding_mask (Tensor): optional (B, S) bool, True on padding tokens (set to 0).
+
+    Returns:
+        Tensor: (B, H, Q, S) in the dtype of ``weights``, S = sum(h_l * w_l).
+    """
+    bsz, num_q, heads, levels, points, _ = sampling_locations.shape
+    sizes = [int(h) * int(w) for h, w in spatial_shapes]
+    flat = weights.new_zeros(bsz, heads, num_q, sum(sizes))
+    start = 0
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        h, w = int(h), int(w)
+        # (B, Q, H, P, 2) -> (B, H, Q, P, 2): continuous cell coordinates of every sample
+        loc = sampling_locations[:, :, :, lvl].transpose(1, 2).to(weights.dtype)
+        u = loc[..., 0] * w - 0.5
+        v = loc[..., 1] * h - 0.5
+        u0, v0 = u.floor(), v.floor()
+        fu, fv = u - u0, v - v0
+        weight = weights[:, :, :, lvl].transpose(1, 2)  # (B, H, Q, P)
+        for du, dv, factor in (
+            (0, 0, (1 - fu) * (1 - fv)),
+            (1, 0, fu * (1 - fv)),
+            (0, 1, (1 - fu) * fv),
+            (1, 1, fu * fv),
+        ):
+            col, row = (u0 + du).long(), (v0 + dv).long()
+            inside = (col >= 0) & (col < w) & (row >= 0) & (row < h)
+            index = start + (row.clamp(0, h - 1) * w + col.clamp(0, w - 1))
+            src = torch.where(inside, weight * factor, torch.zeros_like(weight))
+            flat = flat.scatter_add(-1, index, src)
+        start += h * w
+    if padding_mask is not None:
+        flat = flat.masked_fill(padding_mask[:, None, None], 0.0)
+    return flat
 
 
 class _Kernel:
@@ -217,6 +271,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: Shapes,
         padding_mask: Optional[torch.Tensor] = None,
         point_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = False,
     ):
         """
         Args:
@@ -228,9 +283,12 @@ class MSDeformAttn(nn.Module):
             padding_mask (Tensor): (B, S) bool, True on padding (values zeroed).
             point_mask (Tensor): optional (N,) bool for 4-d ``reference``: True marks rows that
                 are points (their w, h are ignored and offsets are in cells, as for 2-d).
+            need_weights (bool): also return the (B, H, N, S) attention map over the memory
+                tokens (:func:`sampling_attention_map`), computed next to the kernel: the output
+                is the same, bit for bit, as without ``need_weights``.
 
         Returns:
-            Tensor: (B, N, d).
+            Tensor: (B, N, d), or a tuple (output, map) when ``need_weights``.
         """
         bsz, num_q, _ = query.shape
         heads, levels, points = self.n_heads, self.n_levels, self.n_points
@@ -260,7 +318,10 @@ class MSDeformAttn(nn.Module):
             reference[:, :, None, :, None, :2] + offsets * scale[:, :, None, :, None, :]
         )  # (B, N, H, L, P, 2)
         out = ms_deform_attn(value, spatial_shapes, locations, weights, self.kernel)
-        return self.output_proj(out)
+        out = self.output_proj(out)
+        if not need_weights:
+            return out
+        return out, sampling_attention_map(spatial_shapes, locations, weights, padding_mask)
 
     def extra_repr(self):
         return (

@@ -19,6 +19,8 @@ from bench import load_arms  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
 
 STUDENT = "configs/demo/dab_detr_efflite0_demo.yaml"
+KD = "configs/kd_detr/kd_dab_detr_efflite0_from_efflite2_demo.yaml"
+TEACHER = "configs/demo/dab_detr_efflite2_demo.yaml"
 
 
 def _write(path, text):
@@ -161,6 +163,46 @@ class TestRunClaims(unittest.TestCase):
         self.assertIn("waiting for it", stdout.getvalue())
         self.assertTrue(lock.owned)  # after the other process ended
         lock.release()
+
+    def test_runs_without_kd_first_while_another_process_trains_the_teacher(self):
+        arms = _write(os.path.join(self.tmp, "arms.yaml"),
+                      f"teacher: {{config: {TEACHER}, iters: 2}}\niters: 2\narms:\n"
+                      f"  - {{name: kd, config: {KD}}}\n"
+                      f"  - {{name: no_kd, config: {STUDENT}}}\n")  # fmt: skip
+        args = kd_bench.parse_args([arms, "--output", os.path.join(self.tmp, "out"),
+                                    "--teacher-cache", os.path.join(self.tmp, "cache")])
+        bench = kd_bench.Bench(load_arms(arms), args, arms)
+        teacher = bench.teacher
+        trained = []
+
+        def fake_train_run(python, config, out_dir, opts, *, run_hash, **kwargs):
+            trained.append(os.path.basename(out_dir))
+            if not trained[1:]:  # meanwhile the other process finishes the teacher
+                _finish(teacher["out_dir"], teacher["key"], 70.0)
+                _write(teacher["weights"], "weights")
+                holder.stop()
+            return _finish(out_dir, run_hash, 50.0)
+
+        import threading
+
+        holder = _Holder(teacher["out_dir"])
+        safety = threading.Timer(20.0, holder.stop)  # a bench that waited first ends too
+        safety.start()
+        original = kd_bench.train_run
+        kd_bench.train_run = fake_train_run
+        try:
+            with contextlib.redirect_stdout(io.StringIO()) as stdout:
+                result = bench.run_all()
+        finally:
+            kd_bench.train_run = original
+            safety.cancel()
+            holder.stop()
+        # The no-KD run first (the teacher was not ready), then the KD run; no teacher trained.
+        self.assertEqual(trained, ["no_kd_seed0", "kd_seed0"])
+        self.assertIn("the runs without KD first", stdout.getvalue())
+        self.assertEqual(result["teacher"]["state"], "cached")
+        self.assertEqual({r["arm"]: r["state"] for r in result["runs"]},
+                         {"kd": "trained", "no_kd": "trained"})  # fmt: skip
 
 
 class TestInterruptedRunResumes(unittest.TestCase):

@@ -271,22 +271,34 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         }  # fmt: skip
 
     # -- running -------------------------------------------------------------------------------
-    def ensure_teacher(self):
-        """Train the teacher, or reuse the cached run / given weights; sets its state."""
+    def ensure_teacher(self, wait: bool = True) -> bool:
+        """Train the teacher, or reuse the cached run / given weights; sets its state.
+
+        Args:
+            wait: while another bench process trains the teacher, wait for it (True) or return
+                False at once (the caller trains the runs that need no teacher meanwhile).
+
+        Returns:
+            bool: whether the teacher is ready (or the bench needs none).
+        """
         t = self.teacher
         if t is None:
-            return
+            return True
         if t["out_dir"] is None:
             t.update(state="given", bbox=None)
             print(f"[kd_bench] teacher: given weights {t['weights']}", flush=True)
-            return self._fingerprint_teacher()
-        lock = self._claim_teacher(t)
+            self._fingerprint_teacher()
+            return True
+        lock = self._claim_teacher(t, wait=wait)
+        if lock is None:
+            return False
         try:
             record = finished_run(t["out_dir"], t["key"])
             if record and os.path.isfile(t["weights"]):
                 t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
                 print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
-                return self._fingerprint_teacher()
+                self._fingerprint_teacher()
+                return True
             print(f"[kd_bench] teacher: training {t['iters']} iterations "
                   f"(log {t['out_dir']}/log.txt)", flush=True)  # fmt: skip
             record = train_run(self.args.python, t["config"], t["out_dir"], t["opts"],
@@ -298,16 +310,21 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         print(f"[kd_bench] teacher: done in {record['seconds']:.0f} s, AP "
               f"{record['bbox']['AP']:.1f}", flush=True)  # fmt: skip
         self._fingerprint_teacher()
+        return True
 
-    def _claim_teacher(self, t, poll_seconds=30.0):
+    def _claim_teacher(self, t, poll_seconds=30.0, wait=True):
         """Claim the teacher's run folder, waiting while another bench process trains it (every
-        KD run needs it; that process's result is then reused from the cache)."""
+        KD run needs it; that process's result is then reused from the cache). Without
+        ``wait``, None while the other process holds it."""
         lock = RunLock(t["out_dir"])
         holder = lock.acquire()
         if holder is not None:
             print(f"[kd_bench] teacher: being trained by process {holder.get('pid')} on "
-                  f"{holder.get('host')} (since {holder.get('since')}); waiting for it",
+                  f"{holder.get('host')} (since {holder.get('since')}); "
+                  + ("waiting for it" if wait else "the runs without KD first"),
                   flush=True)  # fmt: skip
+            if not wait:
+                return None
             while lock.acquire() is not None:
                 time.sleep(poll_seconds)
         return lock
@@ -352,48 +369,18 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         start = time.perf_counter()
         os.makedirs(self.output, exist_ok=True)
         self.collect_finished()
-        self.ensure_teacher()
+        elsewhere, done = [], set()
+        if not self.ensure_teacher(wait=False):  # another process trains it: no-KD runs first
+            self.take_over_results(plain_only=True)
+            for i, run in enumerate(self.runs):
+                if not run["kd"]:
+                    self._run_one(i, run, start, elsewhere)
+                    done.add(i)
+            self.ensure_teacher()
         self.take_over_results()
-        total, elsewhere = len(self.runs), []
         for i, run in enumerate(self.runs):
-            head = f"[kd_bench] run {i + 1}/{total} {run['arm']} seed {run['seed']}:"
-            if run.get("state") in ("finished", "imported"):
-                print(f"{head} {run['state']} before, skipped (AP {run['bbox']['AP']:.1f})",
-                      flush=True)  # fmt: skip
-                continue
-            lock = RunLock(run["out_dir"])
-            holder = lock.acquire()
-            if holder is not None:
-                print(f"{head} being trained by process {holder.get('pid')} on "
-                      f"{holder.get('host')} (since {holder.get('since')}), skipped", flush=True)
-                elsewhere.append(run)
-                continue
-            record = finished_run(run["out_dir"], run["hash"])  # by another process meanwhile
-            if record:
-                lock.release()
-                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
-                print(f"{head} finished by another process, skipped", flush=True)
-                continue
-            left = [self._estimate(r) for r in self.runs[i:]
-                    if r.get("state") not in ("finished", "imported")]  # fmt: skip
-            if None in left:
-                when = "run time and bench ETA known after the first run"
-            else:
-                when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
-            print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
-            try:
-                record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
-                                   label=f"{run['arm']} seed {run['seed']}",
-                                   run_hash=run["hash"], max_iter=self.iters,
-                                   record={k: run[k] for k in ("arm", "seed", "config", "opts")})
-                # fmt: skip
-            finally:
-                lock.release()
-            run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
-            self.check_metrics(run)
-            print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
-                f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
-            self.write_results(time.perf_counter() - start, charts=False)
+            if i not in done:
+                self._run_one(i, run, start, elsewhere)
         self.collect_finished()  # runs other processes finished meanwhile
         if elsewhere:
             left = [f"{r['arm']} seed {r['seed']}" for r in elsewhere if r.get("state") is None]
@@ -401,6 +388,49 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
                 print(f"[kd_bench] {len(left)} run(s) still trained by other processes "
                       f"({', '.join(left)}): --report-only once they finish", flush=True)
         return self.write_results(time.perf_counter() - start)
+
+    def _run_one(self, i, run, start, elsewhere):
+        """Train and evaluate one run of the plan unless it is finished, taken over, or claimed
+        by another process (then appended to ``elsewhere``)."""
+        total = len(self.runs)
+        head = f"[kd_bench] run {i + 1}/{total} {run['arm']} seed {run['seed']}:"
+        if run.get("state") in ("finished", "imported"):
+            print(f"{head} {run['state']} before, skipped (AP {run['bbox']['AP']:.1f})",
+                  flush=True)  # fmt: skip
+            return
+        lock = RunLock(run["out_dir"])
+        holder = lock.acquire()
+        if holder is not None:
+            print(f"{head} being trained by process {holder.get('pid')} on "
+                  f"{holder.get('host')} (since {holder.get('since')}), skipped", flush=True)
+            elsewhere.append(run)
+            return
+        record = finished_run(run["out_dir"], run["hash"])  # by another process meanwhile
+        if record:
+            lock.release()
+            run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+            print(f"{head} finished by another process, skipped", flush=True)
+            return
+        left = [self._estimate(r) for r in self.runs[i:]
+                if r.get("state") not in ("finished", "imported")]  # fmt: skip
+        if None in left:
+            when = "run time and bench ETA known after the first run"
+        else:
+            when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
+        print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
+        try:
+            record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
+                               label=f"{run['arm']} seed {run['seed']}",
+                               run_hash=run["hash"], max_iter=self.iters,
+                               record={k: run[k] for k in ("arm", "seed", "config", "opts")})
+            # fmt: skip
+        finally:
+            lock.release()
+        run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+        self.check_metrics(run)
+        print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
+            f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
+        self.write_results(time.perf_counter() - start, charts=False)
 
     def print_plan(self):
         print(f"[kd_bench] {len(self.arms)} arm(s) x seeds {self.seeds} = {len(self.runs)} runs "

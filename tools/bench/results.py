@@ -21,10 +21,11 @@ class BenchResultsMixin:
     """Result bookkeeping of a bench: ``self.runs`` are dicts with ``arm``, ``seed``, ``hash``,
     ``kd``, ``out_dir`` and, once known, ``state``, ``bbox`` and ``seconds``."""
 
-    def take_over_results(self):
+    def take_over_results(self, plain_only=False):
         """Mark runs finished in the ``--results-from`` files as "imported": the same seed and
         resolved-config hash (whatever the arm is named there: one plain student run serves
-        every bench it is the baseline of); KD runs also the same teacher weights sha256."""
+        every bench it is the baseline of); KD runs also the same teacher weights sha256
+        (``plain_only``: only the runs without the bench's teacher, before it is known)."""
         earlier = {}
         for path in getattr(self.args, "results_from", None) or []:
             try:
@@ -40,7 +41,9 @@ class BenchResultsMixin:
         taken = skipped = 0
         for run in self.runs:
             found = earlier.get((run["seed"], run["hash"]))
-            if run.get("state") == "finished" or found is None:
+            if run.get("state") in ("finished", "imported") or found is None:
+                continue
+            if plain_only and run["kd"]:
                 continue
             if run["kd"] and found[1] != ours:
                 skipped += 1

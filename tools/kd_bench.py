@@ -358,7 +358,8 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
             self.teacher = ran["teacher"]  # the same planned teacher, already fingerprinted
         elif t is not None:
             record = finished_run(t["out_dir"], t["key"]) if t["out_dir"] else None
-            t.update(state="cached" if record else "given", bbox=(record or {}).get("bbox"),
+            state = "cached" if record else "given" if t["out_dir"] is None else "not trained"
+            t.update(state=state, bbox=(record or {}).get("bbox"),
                      seconds=(record or {}).get("seconds"))  # fmt: skip
             if os.path.isfile(t["weights"]):
                 self._fingerprint_teacher()

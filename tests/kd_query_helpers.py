@@ -246,3 +246,15 @@ def check_adapter_resume(test, *opts):
             test.assertTrue(torch.equal(value, final[key]), key)
         for key, value in resumed.model.state_dict().items():
             test.assertTrue(torch.equal(value, student[key]), key)
+
+
+def assert_same_outputs(test, losses, plain, kept_losses, kept):
+    """A forward pass that kept its attention maps gave the losses and every layer's and
+    group's outputs of the plain pass, bit for bit, and the plain pass returned no maps."""
+    test.assertNotIn("attention_maps", plain)
+    test.assertEqual(set(losses), set(kept_losses))
+    for key in losses:
+        test.assertTrue(torch.equal(losses[key], kept_losses[key]), key)
+    for a, b in zip([plain["layers"], *plain["groups"]], [kept["layers"], *kept["groups"]]):
+        for key in a:
+            test.assertTrue(torch.equal(a[key], b[key]), key)

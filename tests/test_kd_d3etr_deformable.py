@@ -19,8 +19,8 @@ from kd_detr.modeling.transformer.ms_deform_attn import (
 )
 
 from .kd_helpers import kd_student_cfg, run_kd_step, save_teacher, synthetic_batch
-from .model_helpers import single_thread_module
 from .kd_query_helpers import assert_same_outputs
+from .model_helpers import single_thread_module
 from .test_kd_d3etr_attention import TESTS, attention_term, box_groups, run, tiny_model
 
 setUpModule, tearDownModule = single_thread_module()

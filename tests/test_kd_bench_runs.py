@@ -220,6 +220,45 @@ class TestInterruptedRunResumes(unittest.TestCase):
             self.assertTrue(_resumable(tmp, cmd))
             self.assertFalse(_resumable(tmp, cmd + ["SEED", "1"]))  # another run: start over
 
+    def test_train_run_resumes_and_records_where(self):
+        """train_run on a folder an interrupted run of the same command left: the command gets
+        --resume, the console says at which iteration and that the weights differ from an
+        uninterrupted run's, the record keeps the iteration; a fresh run records none."""
+        from bench.runs import train_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            # A stand-in for the interpreter: records its arguments, writes the final metrics.
+            fake = _write(os.path.join(tmp, "fake_python"), textwrap.dedent(f"""\
+                #!{sys.executable}
+                import json, os, sys
+                out = sys.argv[sys.argv.index("OUTPUT_DIR") + 1]
+                with open(os.path.join(out, "argv.json"), "w") as f:
+                    json.dump(sys.argv[1:], f)
+                with open(os.path.join(out, "metrics_final.json"), "w") as f:
+                    json.dump({{"results": {{"val": {{"bbox": {{"AP": 1.0, "AP50": 2.0,
+                              "AP75": 0.5}}}}}}}}, f)
+                """))  # fmt: skip
+            os.chmod(fake, 0o755)
+            out = os.path.join(tmp, "run")
+            cmd = [fake, "train_net.py", "--config-file", "c.yaml", "OUTPUT_DIR", out, "SEED", "0"]
+            _write(os.path.join(out, "command.txt"), " ".join(cmd) + "\n")
+            _write(os.path.join(out, "last_checkpoint"), "model_0000299.pth")
+            stdout = io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                record = train_run(fake, "c.yaml", out, ["SEED", "0"], label="run",
+                                   run_hash="h", max_iter=1200)  # fmt: skip
+            with open(os.path.join(out, "argv.json")) as f:
+                self.assertEqual(json.load(f)[:2], ["train_net.py", "--resume"])
+            self.assertIn("resuming at iteration 300 of 1200", stdout.getvalue())
+            self.assertIn("differ from an uninterrupted run", stdout.getvalue())
+            self.assertEqual(record["resumed_at_iteration"], 300)
+            self.assertEqual(record["bbox"]["AP"], 1.0)
+            record = train_run(fake, "c.yaml", out, ["SEED", "1"], label="run",
+                               run_hash="h1", max_iter=1200)  # another command: from scratch
+            with open(os.path.join(out, "argv.json")) as f:
+                self.assertNotIn("--resume", json.load(f))
+            self.assertNotIn("resumed_at_iteration", record)
+
 
 if __name__ == "__main__":
     unittest.main()

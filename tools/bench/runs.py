@@ -46,6 +46,15 @@ def _resumable(out_dir, command):
     return same and os.path.isfile(os.path.join(out_dir, "last_checkpoint"))
 
 
+def _checkpoint_iteration(out_dir):
+    """Iteration count of the checkpoint a resumed run starts from (Detectron2's
+    ``model_0000299.pth`` holds 300 iterations; ``model_final.pth``: None)."""
+    with open(os.path.join(out_dir, "last_checkpoint")) as f:
+        name = f.read().strip()
+    match = re.fullmatch(r"model_(\d+)\.pth", name)
+    return int(match.group(1)) + 1 if match else None
+
+
 def config_path(config_file):
     """``config_file`` as given if absolute, else relative to the repository root."""
     return config_file if os.path.isabs(config_file) else os.path.join(ROOT, config_file)
@@ -172,6 +181,12 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
         os.makedirs(out_dir)
         with open(os.path.join(out_dir, "command.txt"), "w") as f:
             f.write(" ".join(cmd) + "\n")
+    resumed_at = None
+    if resume:
+        resumed_at = _checkpoint_iteration(out_dir)
+        print(f"    {label}: resuming at iteration {resumed_at} of {max_iter} from its checkpoint "
+              "(Detectron2's resume restarts the data order and random state, so the weights "
+              "differ from an uninterrupted run's)", flush=True)  # fmt: skip
     log_path = os.path.join(out_dir, "stdout.log" if not resume else "stdout_resumed.log")
     tty = sys.stdout.isatty()
     start = time.perf_counter()
@@ -201,6 +216,8 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
         seconds=round(time.perf_counter() - start, 1),
         train_and_eval_seconds=metrics.get("train_and_eval_seconds"),
     )
+    if resumed_at is not None:  # "seconds" then covers the iterations from there on
+        content["resumed_at_iteration"] = resumed_at
     with open(os.path.join(out_dir, RUN_RECORD), "w") as f:
         json.dump(content, f, indent=2)
     return content

@@ -72,6 +72,7 @@ from .pairing import (
 from .points import DISTRIBUTIONS, DistillationPointSampler, specific_points
 from .qskd import QSKDLoss, add_qskd_config, select_queries
 from .registry import KD_LOSS_REGISTRY, build_kd_losses
+from .set_targets import floor_class_probabilities, suppress_duplicate_targets
 from .step import build_kd_context, kd_inputs, keeping_attention_maps
 from .teacher import (
     Teacher,

@@ -14,7 +14,9 @@ Distillation points are boxes that both models evaluate (:class:`BoxEvaluator`):
 
 The teacher's targets are mapped to the student's classes (``MODEL.KD.CLASS_MAPPING``) and then
 to the student's classifier type (:func:`~kd_detr.distill.class_mapping.convert_class_logits`,
-background rule ``MODEL.KD.BOXES.BACKGROUND``); foreground weights come from the teacher's own
+background rule ``MODEL.KD.BOXES.BACKGROUND``); for a sigmoid student they can be made targets a
+set predictor follows (:mod:`.set_targets`: a floor on the class probabilities, the teacher's
+class-wise NMS over each group's points); foreground weights come from the teacher's own
 logits. The point terms (``KDDETRLoss``, DKD, ...) then apply unchanged, on top of the
 student's own detection losses.
 
@@ -36,6 +38,7 @@ from .class_mapping import BACKGROUND_RULES, convert_class_logits
 from .context import KDContext, PointPair
 from .pairing import KD_PAIRING_REGISTRY, KDPairing
 from .points import DistillationPointSampler
+from .set_targets import floor_class_probabilities, probability_logit, suppress_duplicate_targets
 from .teacher import Teacher
 
 __all__ = ["BoxEvaluationPairing", "add_box_kd_config"]
@@ -58,6 +61,14 @@ def add_box_kd_config(cfg):
     # target, "product" (prod_c (1 - p_c)) or "max" (1 - max_c p_c); see
     # kd_detr.distill.class_mapping.sigmoid_to_softmax_logits.
     boxes.BACKGROUND = "product"
+    # Sigmoid (focal) students: every class target probability raised to at least this
+    # (e.g. 0.01, a focal student's prior at initialisation); 0: off. See
+    # kd_detr.distill.set_targets.
+    boxes.MIN_CLASS_PROBABILITY = 0.0
+    # Sigmoid students: the teacher's class-wise NMS over the points of each group and image at
+    # this IoU; each suppressed (point, class) target becomes MIN_CLASS_PROBABILITY (> 0
+    # needed). 0: off. 0.5 is a Faster R-CNN's MODEL.ROI_HEADS.NMS_THRESH_TEST.
+    boxes.CLASS_NMS_THRESH = 0.0
 
 
 @KD_PAIRING_REGISTRY.register(name="boxes")
@@ -74,6 +85,9 @@ class BoxEvaluationPairing(KDPairing):
         student_proposals (bool): also distil at the student's own proposals.
         num_student_proposals (int): those per image.
         background (str): sigmoid -> softmax background rule.
+        min_class_probability (float): floor of the class targets (sigmoid students); 0: off.
+        class_nms_thresh (float): IoU of the class-wise NMS over each group's targets (sigmoid
+            students; needs ``min_class_probability`` > 0); 0: off.
 
     Raises:
         TypeError / ValueError: at construction, naming both meta-architectures, when a model
@@ -95,6 +109,8 @@ class BoxEvaluationPairing(KDPairing):
         student_proposals: bool = False,
         num_student_proposals: int = 100,
         background: str = "product",
+        min_class_probability: float = 0.0,
+        class_nms_thresh: float = 0.0,
     ):
         pair = f"{type(teacher.model).__name__} teacher -> {type(student).__name__} student"
         if sampler is None and not specific and not student_proposals:
@@ -122,6 +138,9 @@ class BoxEvaluationPairing(KDPairing):
                 f"{pair}: MODEL.KD.BOXES.STUDENT_PROPOSALS needs a student with proposals "
                 f"(an R-CNN); {type(student).__name__} has none"
             )
+        self._check_set_targets(pair, min_class_probability, class_nms_thresh)
+        self.min_class_probability = float(min_class_probability)
+        self.class_nms_thresh = float(class_nms_thresh)
         self.student = student
         self.teacher = teacher
         self.point_weights = point_weights
@@ -149,6 +168,8 @@ class BoxEvaluationPairing(KDPairing):
             student_proposals=kd.BOXES.STUDENT_PROPOSALS,
             num_student_proposals=kd.BOXES.NUM_STUDENT_PROPOSALS,
             background=kd.BOXES.BACKGROUND,
+            min_class_probability=kd.BOXES.MIN_CLASS_PROBABILITY,
+            class_nms_thresh=kd.BOXES.CLASS_NMS_THRESH,
         )
         if kd.MODE == "sigmoid" and pairing.student_eval.softmax:
             raise ValueError(
@@ -156,6 +177,43 @@ class BoxEvaluationPairing(KDPairing):
                 f"({type(student).__name__}) has softmax classes: use 'normalized'"
             )
         return pairing
+
+    def _check_set_targets(self, pair: str, min_probability: float, nms_thresh: float) -> None:
+        """Start-up checks of MODEL.KD.BOXES.{MIN_CLASS_PROBABILITY, CLASS_NMS_THRESH}."""
+        if min_probability == 0 and nms_thresh == 0:
+            return
+        if self.student_eval.softmax:
+            raise ValueError(
+                f"{pair}: MODEL.KD.BOXES.MIN_CLASS_PROBABILITY and CLASS_NMS_THRESH shape the "
+                "targets of a sigmoid (focal) student; this student has softmax classes: set "
+                "both to 0"
+            )
+        if min_probability != 0:
+            try:
+                probability_logit(min_probability)
+            except ValueError as e:
+                raise ValueError(f"MODEL.KD.BOXES.MIN_CLASS_PROBABILITY: {e}") from e
+        if nms_thresh != 0:
+            if not 0 < nms_thresh < 1:
+                raise ValueError(
+                    f"MODEL.KD.BOXES.CLASS_NMS_THRESH must be in (0, 1) (0: off), got {nms_thresh}"
+                )
+            if min_probability == 0:
+                raise ValueError(
+                    "MODEL.KD.BOXES.CLASS_NMS_THRESH sets suppressed targets to "
+                    "MODEL.KD.BOXES.MIN_CLASS_PROBABILITY, which is 0: set it (e.g. 0.01, the "
+                    "focal prior)"
+                )
+
+    def _set_targets(self, target: Dict) -> torch.Tensor:
+        """The class target logits with the floor and the class-wise NMS applied."""
+        logits = target["pred_logits"]
+        if self.class_nms_thresh > 0:
+            floor = self.min_class_probability  # pairs at or below it end at the floor anyway
+            logits = suppress_duplicate_targets(
+                logits, target["pred_boxes"], self.class_nms_thresh, floor, score_threshold=floor
+            )
+        return floor_class_probabilities(logits, self.min_class_probability)
 
     def _general(self) -> List[str]:
         return ["general"] if self.sampler is not None else []
@@ -215,6 +273,7 @@ class BoxEvaluationPairing(KDPairing):
                 target["pred_logits"], self.teacher.softmax, self.student_eval.softmax,
                 self.background,
             )  # fmt: skip
+            target["pred_logits"] = self._set_targets(target)
             device = s_group["pred_logits"].device
             target = {k: v.to(device) for k, v in target.items()}
             if weights is not None:

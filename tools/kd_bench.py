@@ -174,6 +174,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
             raise BenchError(f"{arms_file}: no iterations (set 'iters:' or --iters N >= 1)")
         if self.baseline not in {a.name for a in self.arms}:
             raise BenchError(f"--baseline {self.baseline!r} is not one of the arms {names}")
+        self._check_claims()
         self.data = self._resolve_data()
         self._plan()
 
@@ -427,7 +428,8 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
             # fmt: skip
         finally:
             lock.release()
-        run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+        run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"],
+                   resumed_at_iteration=record.get("resumed_at_iteration"))
         self.check_metrics(run)
         print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
             f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip

@@ -19,6 +19,9 @@ defaults next to it (every default can be overridden on the command line)::
       train_split: trainval
       test_split: test
       classes: RBC;WBC;Platelets
+    claims:                      # optional: orderings to check, e.g. a paper's
+      - {better: kd_detr, than: no_kd, source: "paper, Table 1"}   # metric: AP (default the
+                                                                   # first of 'metrics')
     arms:
       - name: no_kd
         config: configs/bccd/dab_detr_efflite0_bccd.yaml
@@ -36,11 +39,12 @@ import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-__all__ = ["Arm", "BenchError", "BenchSpec", "flat_opts", "load_arms"]
+__all__ = ["Arm", "BenchError", "BenchSpec", "Claim", "flat_opts", "load_arms"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ARM_KEYS = {"name", "config", "opts", "label", "init_from_teacher"}
-_TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data", "metrics"}
+_TOP_KEYS = {"arms", "teacher", "iters", "seeds", "baseline", "data", "metrics", "claims"}
+_CLAIM_KEYS = {"better", "than", "source", "metric"}
 _TEACHER_KEYS = {"config", "iters", "opts", "weights"}
 DATA_KEYS = ("train", "test", "train_images", "test_images", "train_split", "test_split", "classes")
 
@@ -65,6 +69,17 @@ class Arm:
 
 
 @dataclass
+class Claim:
+    """An ordering the bench checks: arm ``better`` above arm ``than`` in ``metric`` (None: the
+    bench's first metric), with where the claim comes from."""
+
+    better: str
+    than: str
+    source: str = ""
+    metric: Optional[str] = None
+
+
+@dataclass
 class BenchSpec:
     """An arms file: the arms and the defaults it sets (None: not set by the file)."""
 
@@ -78,6 +93,7 @@ class BenchSpec:
     baseline: Optional[str] = None
     metrics: Optional[List[str]] = None
     data: dict = field(default_factory=dict)
+    claims: List[Claim] = field(default_factory=list)
 
 
 def flat_opts(value, where):
@@ -126,6 +142,28 @@ def _parse_arm(entry, index, source):
     return Arm(name, config, opts, str(entry.get("label", "")), init_from_teacher=init)
 
 
+def _parse_claims(entries, names, source):
+    """The ``claims:`` list: each names two arms of the file."""
+    if not isinstance(entries, list):
+        raise BenchError(f"{source}: 'claims' must be a list of {{better, than, source}} entries")
+    claims = []
+    for index, entry in enumerate(entries):
+        where = f"{source}: claim #{index + 1}"
+        if not isinstance(entry, dict):
+            raise BenchError(f"{where} must be a mapping with 'better' and 'than', got {entry!r}")
+        _check_keys(entry, _CLAIM_KEYS, where)
+        for key in ("better", "than"):
+            if entry.get(key) not in names:
+                raise BenchError(f"{where}: '{key}' must name an arm of the file {names}, got "
+                                 f"{entry.get(key)!r}")  # fmt: skip
+        if entry["better"] == entry["than"]:
+            raise BenchError(f"{where}: 'better' and 'than' are the same arm {entry['better']!r}")
+        metric = entry.get("metric")
+        claims.append(Claim(entry["better"], entry["than"], str(entry.get("source", "")),
+                            None if metric is None else str(metric)))  # fmt: skip
+    return claims
+
+
 def load_arms(path):
     """Read an arms file (see the module docstring).
 
@@ -168,7 +206,10 @@ def load_arms(path):
             raise BenchError(f"{path}: 'data' must be a mapping with keys {list(DATA_KEYS)}")
         _check_keys(data, set(DATA_KEYS), f"{path}: data")
         spec.data = {k: str(v) for k, v in data.items() if v is not None}
+        claims = content.get("claims")
         content = content.get("arms")
+    else:
+        claims = None
     if not isinstance(content, list) or not content:
         raise BenchError(f"{path}: no arms (expected a list of arms, or a mapping with 'arms')")
     spec.arms = [_parse_arm(entry, i, path) for i, entry in enumerate(content)]
@@ -176,4 +217,6 @@ def load_arms(path):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise BenchError(f"{path}: arm names must be unique, repeated: {duplicates}")
+    if claims is not None:
+        spec.claims = _parse_claims(claims, names, path)
     return spec

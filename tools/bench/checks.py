@@ -27,6 +27,15 @@ class BenchChecksMixin:
         except Exception as e:  # a bad key, a dataset file that is missing, ...
             raise BenchError(f"{what}: cannot resolve config {config!r}: {e}") from e
 
+    def _check_claims(self):
+        """Every claim's metric is one the bench reports (arms file ``metrics:``)."""
+        for claim in self.spec.claims:
+            if claim.metric is not None and claim.metric not in self.metrics:
+                raise BenchError(
+                    f"claim {claim.better!r} above {claim.than!r}: metric {claim.metric!r} is not "
+                    f"one the bench reports {list(self.metrics)} (arms file 'metrics:')"
+                )
+
     def _resolve_data(self):
         """The dataset switch (None without --train / --test)."""
         from detectron2.data import DatasetCatalog, MetadataCatalog

@@ -3,8 +3,8 @@
 import math
 
 __all__ = [
-    "METRICS", "duration", "fmt", "metrics_of", "print_tables", "run_rows", "summary_rows",
-    "write_chart", "write_markdown",
+    "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_tables", "run_rows",
+    "summary_rows", "write_chart", "write_markdown",
 ]  # fmt: skip
 
 METRICS = ("AP", "AP50", "AP75")  # the default metrics of a bench (arms file ``metrics:``)
@@ -66,6 +66,35 @@ def summary_rows(result):
     return rows
 
 
+def _seconds(run):
+    """A run's seconds; a resumed run's cover the iterations from its checkpoint on."""
+    at = run.get("resumed_at_iteration")
+    return f"{run.get('seconds', '-')}" + (f" (resumed at iteration {at})" if at else "")
+
+
+CLAIM_HEADERS = ["claim", "metric", "seeds", "Δ (better - than) [95% CI]", "verdict", "source"]
+
+
+def claim_rows(result):
+    """Rows of the claims table: each ordering of the arms file, its paired difference and
+    verdict (results written before claims existed: none)."""
+    return [[f"{c['better']} > {c['than']}", c["metric"], c["diff"]["n"], _diff(c["diff"]),
+             c["verdict"], c["source"] or "-"]
+            for c in result["summary"].get("claims", [])]  # fmt: skip
+
+
+def _claims_markdown(result):
+    rows = claim_rows(result)
+    if not rows:
+        return []
+    lines = ["", "Claims of the arms file (`claims:`), each a paired difference better - than "
+             "over the seeds both arms have: *agrees* / *contradicted* when its 95% interval "
+             "excludes 0, else *unresolved* with the sign seen (one seed: no interval).", "",
+             "| " + " | ".join(CLAIM_HEADERS) + " |", "|" + " --- |" * len(CLAIM_HEADERS)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines  # fmt: skip
+
+
 def write_markdown(result, path):
     baseline = result["summary"]["baseline"]
     metrics = metrics_of(result)
@@ -97,6 +126,7 @@ def write_markdown(result, path):
         f"baseline arm `{baseline}` (same seed), with the two-sided 95% Student-t interval over "
         "the paired seeds (none for fewer than 2 seeds); an interval that excludes 0 is a "
         "difference beyond seed noise.",
+        *_claims_markdown(result),
         "",
         "| arm | config | overrides |",
         "| --- | --- | --- |",
@@ -108,7 +138,7 @@ def write_markdown(result, path):
     for run in result["runs"]:
         bbox = run.get("bbox") or {}
         lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(
-            fmt(bbox.get(k)) for k in metrics) + f" | {run.get('seconds', '-')} | "
+            fmt(bbox.get(k)) for k in metrics) + f" | {_seconds(run)} | "
             f"{run.get('state') or 'to train'} | {run['hash']} |")  # fmt: skip
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -159,4 +189,8 @@ def print_tables(result):
     print(f"\nper arm, paired difference to {baseline!r} with 95% t-interval over seeds:")
     print(tabulate(summary_rows(result),
                    headers=summary_headers(result) + [f"Δ{k}" for k in metrics]))  # fmt: skip
+    rows = claim_rows(result)
+    if rows:
+        print("\nclaims (paired difference better - than, 95% t-interval):")
+        print(tabulate(rows, headers=CLAIM_HEADERS))
     print(f"whole job: {result['job_seconds']:.0f} s")

@@ -8,7 +8,7 @@ import os
 from .arms import BenchError
 from .report import write_chart, write_markdown
 from .runs import finished_run
-from .stats import arm_stats, paired_difference
+from .stats import arm_stats, claim_verdict, paired_difference
 
 
 def _by_seed(values, metric):
@@ -48,7 +48,8 @@ class BenchResultsMixin:
             if run["kd"] and found[1] != ours:
                 skipped += 1
                 continue
-            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"])
+            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"],
+                       resumed_at_iteration=found[0].get("resumed_at_iteration"))
             taken += 1
         if earlier:
             print(f"[kd_bench] --results-from: {taken} finished run(s) taken over"
@@ -63,7 +64,8 @@ class BenchResultsMixin:
                 continue
             record = finished_run(run["out_dir"], run["hash"])
             if record:
-                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"],
+                           resumed_at_iteration=record.get("resumed_at_iteration"))
 
     def check_metrics(self, run):
         """A finished run reports every metric of the bench (arms file ``metrics:``), else stop
@@ -93,12 +95,28 @@ class BenchResultsMixin:
                 entry["diff"] = {k: paired_difference(_by_seed(values, k), _by_seed(base, k))
                                  for k in self.metrics}  # fmt: skip
             arms.append(entry)
-        return {"baseline": self.baseline, "arms": arms}
+        return {"baseline": self.baseline, "arms": arms, "claims": self._claims(per_arm)}
+
+    def _claims(self, per_arm):
+        """The arms file's claims among this bench's arms: the paired difference better - than
+        in the claim's metric and its verdict (:func:`~bench.stats.claim_verdict`)."""
+        names = {arm.name for arm in self.arms}
+        out = []
+        for claim in self.spec.claims:
+            if claim.better not in names or claim.than not in names:
+                continue  # a part of the bench (--arms) without one of them
+            metric = claim.metric or self.metrics[0]
+            diff = paired_difference(_by_seed(per_arm.get(claim.better, {}), metric),
+                                     _by_seed(per_arm.get(claim.than, {}), metric))  # fmt: skip
+            out.append({"better": claim.better, "than": claim.than, "source": claim.source,
+                        "metric": metric, "diff": diff, "verdict": claim_verdict(diff)})
+        return out
 
     def result(self, seconds):
         data = self.data
         runs = [{k: r.get(k) for k in ("arm", "title", "seed", "config", "opts", "kd", "hash",
-                                       "out_dir", "state", "bbox", "seconds")}
+                                       "out_dir", "state", "bbox", "seconds",
+                                       "resumed_at_iteration")}
                 for r in self.runs]  # fmt: skip
         classes = data.classes if data else (self.runs[0]["classes"] or [])
         return {

@@ -2,7 +2,7 @@
 """Statistics of a bench: mean and spread over seeds, paired differences with t-intervals."""
 import math
 
-__all__ = ["arm_stats", "paired_difference"]
+__all__ = ["arm_stats", "claim_verdict", "paired_difference"]
 
 
 def _mean_std(values):
@@ -43,3 +43,26 @@ def paired_difference(arm, baseline, confidence=0.95):
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
         low, high = mean - half, mean + half
     return {"n": n, "mean": mean, "std": std, "low": low, "high": high, "seeds": seeds}
+
+
+def claim_verdict(diff):
+    """What a paired difference ``better - than`` (:func:`paired_difference`) says of the claim
+    "better is above than":
+
+    * "not run yet": no seed has both arms;
+    * "agrees" / "contradicted": the interval excludes 0 (a difference beyond seed noise), with
+      the claimed / the opposite sign;
+    * "unresolved, same sign" / "unresolved, opposite sign": the interval holds 0, or a single
+      seed (no interval) with that sign ("unresolved, tie" for a zero difference).
+    """
+    if diff["n"] == 0:
+        return "not run yet"
+    mean, low, high = diff["mean"], diff["low"], diff["high"]
+    if not (math.isnan(low) or math.isnan(high)):
+        if low > 0:
+            return "agrees"
+        if high < 0:
+            return "contradicted"
+    if mean == 0:
+        return "unresolved, tie"
+    return "unresolved, same sign" if mean > 0 else "unresolved, opposite sign"

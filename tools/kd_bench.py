@@ -52,7 +52,7 @@ from bench import (  # noqa: E402; fmt: skip
     train_run,
 )
 from bench.checks import BenchChecksMixin, _pick  # noqa: E402
-from bench.report import METRICS, duration, print_tables  # noqa: E402
+from bench.report import METRICS, duration, print_plan, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
 from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
@@ -436,21 +436,8 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         self.write_results(time.perf_counter() - start, charts=False)
 
     def print_plan(self):
-        print(f"[kd_bench] {len(self.arms)} arm(s) x seeds {self.seeds} = {len(self.runs)} runs "
-              f"of {self.iters} iterations; output {self.output}")  # fmt: skip
-        if self.data:
-            print(f"[kd_bench] data: train {self.data.train.source}, test "
-                  f"{self.data.test.source}, classes {self.data.classes}")  # fmt: skip
-        if self.teacher:
-            print(f"[kd_bench] teacher: {self.teacher['config']}, {self.teacher_iters} "
-                  f"iterations, {self.teacher['weights']}")  # fmt: skip
-        for run in self.runs:
-            state = "finished" if finished_run(run["out_dir"], run["hash"]) else "to train"
-            holder = RunLock(run["out_dir"]).held_by() if state == "to train" else None
-            if holder is not None:
-                state = f"being trained by process {holder.get('pid')}"
-            print(f"  {run['arm']} seed {run['seed']} ({run['config']}, hash {run['hash']}): "
-                  f"{state}")  # fmt: skip
+        """The plan on the console: arms, seeds, data, teacher and every run's state."""
+        print_plan(self)
 
 
 def is_part(spec, args) -> bool:

@@ -2,8 +2,12 @@
 """Reports of a bench: the console tables, ``bench_results.md`` and ``bench_ap.png``."""
 import math
 
+from .run_lock import RunLock
+from .runs import finished_run
+
 __all__ = [
-    "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_tables", "run_rows",
+    "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_plan", "print_tables",
+    "run_rows",
     "summary_rows", "write_chart", "write_markdown",
 ]  # fmt: skip
 
@@ -194,3 +198,23 @@ def print_tables(result):
         print("\nclaims (paired difference better - than, 95% t-interval):")
         print(tabulate(rows, headers=CLAIM_HEADERS))
     print(f"whole job: {result['job_seconds']:.0f} s")
+
+
+def print_plan(bench):
+    """The plan of a ``Bench`` on the console: arms, seeds, data, teacher and the state of every
+    run (finished, being trained by another process, to train)."""
+    print(f"[kd_bench] {len(bench.arms)} arm(s) x seeds {bench.seeds} = {len(bench.runs)} runs "
+          f"of {bench.iters} iterations; output {bench.output}")  # fmt: skip
+    if bench.data:
+        print(f"[kd_bench] data: train {bench.data.train.source}, test "
+              f"{bench.data.test.source}, classes {bench.data.classes}")  # fmt: skip
+    if bench.teacher:
+        print(f"[kd_bench] teacher: {bench.teacher['config']}, {bench.teacher_iters} "
+              f"iterations, {bench.teacher['weights']}")  # fmt: skip
+    for run in bench.runs:
+        state = "finished" if finished_run(run["out_dir"], run["hash"]) else "to train"
+        holder = RunLock(run["out_dir"]).held_by() if state == "to train" else None
+        if holder is not None:
+            state = f"being trained by process {holder.get('pid')}"
+        print(f"  {run['arm']} seed {run['seed']} ({run['config']}, hash {run['hash']}): "
+              f"{state}")  # fmt: skip

@@ -3,12 +3,15 @@
 ``MODEL.KD.BOXES.{MIN_CLASS_PROBABILITY, CLASS_NMS_THRESH}``): the floor and the class-wise NMS
 against float64 / pure-Python references, their place in the box-evaluation pairing of a Faster
 R-CNN teacher and a DAB-DETR student, and the start-up errors."""
+import os
+import tempfile
 import unittest
 
 import torch
 
 from detectron2.utils.events import EventStorage
 
+from kd_detr.config import load_config
 from kd_detr.distill import BoxEvaluationPairing, Teacher
 from kd_detr.distill.set_targets import (
     floor_class_probabilities,
@@ -16,9 +19,10 @@ from kd_detr.distill.set_targets import (
     suppress_duplicate_targets,
 )
 
-from .kd_helpers import synthetic_batch
+from .kd_helpers import FixedBatchKDTrainer, synthetic_batch
 from .model_helpers import single_thread_module
 from .test_box_evaluation import random_boxes, tiny_dab_detr, tiny_rcnn
+from .test_kd_rcnn import detr_student_cfg
 
 setUpModule, tearDownModule = single_thread_module()
 
@@ -157,6 +161,21 @@ class TestPairing(unittest.TestCase):
                           class_nms_thresh=1.5)  # fmt: skip
         with self.assertRaisesRegex(ValueError, "MIN_CLASS_PROBABILITY, which is 0"):
             self._pairing(detr, self.teacher_model, class_nms_thresh=0.5)
+
+
+class TestFromConfig(unittest.TestCase):
+    def test_keys_reach_the_pairing_of_the_kd_trainer(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "rcnn.pth")
+            torch.save({"model": tiny_rcnn(seed=1).state_dict()}, path)
+            cfg = detr_student_cfg(
+                os.path.join(tmp, "out"), path, "MODEL.KD.BOXES.MIN_CLASS_PROBABILITY", "0.01",
+                "MODEL.KD.BOXES.CLASS_NMS_THRESH", "0.5",
+            )  # fmt: skip
+            pairing = FixedBatchKDTrainer(cfg).pairing
+        self.assertEqual((pairing.min_class_probability, pairing.class_nms_thresh), (0.01, 0.5))
+        defaults = load_config(register_datasets=False).MODEL.KD.BOXES
+        self.assertEqual((defaults.MIN_CLASS_PROBABILITY, defaults.CLASS_NMS_THRESH), (0.0, 0.0))
 
 
 if __name__ == "__main__":

@@ -36,16 +36,24 @@ def _iou(a, b):
     return inter / (area - inter)
 
 
-def reference_suppressed(probs, boxes, iou_threshold, score_threshold):
+def _xyxy(boxes):
+    return [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for cx, cy, w, h in boxes]
+
+
+def reference_suppressed(probs, boxes, iou_threshold, score_threshold, point_boxes=None):
     """Greedy class-wise NMS by hand: the set of suppressed (point, class) of one image.
 
-    probs: list[list[float]] (M, C); boxes: list of cxcywh (M, 4)."""
-    xyxy = [[cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2] for cx, cy, w, h in boxes]
+    probs: list[list[float]] (M, C); boxes, point_boxes: lists of cxcywh (M, 4); with
+    point_boxes the rank is p * IoU(point box, box)."""
+    xyxy = _xyxy(boxes)
+    fit = [1.0] * len(boxes)
+    if point_boxes is not None:
+        fit = [_iou(a, b) for a, b in zip(_xyxy(point_boxes), xyxy)]
     suppressed = set()
     for c in range(len(probs[0])):
         order = sorted(
             (m for m in range(len(probs)) if probs[m][c] > score_threshold),
-            key=lambda m: -probs[m][c],
+            key=lambda m: -probs[m][c] * fit[m],
         )
         kept = []
         for m in order:
@@ -75,6 +83,11 @@ class TestFloor(unittest.TestCase):
 
 class TestClassNMS(unittest.TestCase):
     def test_against_a_hand_written_greedy_nms(self):
+        for ranked_by_fit in (False, True):
+            with self.subTest(ranked_by_fit=ranked_by_fit):
+                self._check_against_reference(ranked_by_fit)
+
+    def _check_against_reference(self, ranked_by_fit):
         gen = torch.Generator().manual_seed(3)
         batch, num, classes = 2, 40, 3
         # Clustered boxes so that many pairs overlap above the threshold.
@@ -85,13 +98,21 @@ class TestClassNMS(unittest.TestCase):
         centre = centres.gather(1, pick[..., None].expand(-1, -1, 2)) + jitter
         boxes = torch.cat([centre, sizes], -1)
         logits = torch.randn(batch, num, classes, generator=gen) * 3
+        # The points the teacher refined into ``boxes``: shifted by up to a third of the size.
+        shift = (torch.rand(batch, num, 2, generator=gen) - 0.5) * 0.66 * sizes
+        points = torch.cat([boxes[..., :2] + shift, sizes], -1) if ranked_by_fit else None
         floor = 0.01
-        out = suppress_duplicate_targets(logits, boxes, 0.5, floor, score_threshold=floor)
+        out = suppress_duplicate_targets(
+            logits, boxes, 0.5, floor, score_threshold=floor, point_boxes=points
+        )
         floor_logit = probability_logit(floor)
         total = 0
         for b in range(batch):
             probs = logits[b].double().sigmoid().tolist()
-            expected = reference_suppressed(probs, boxes[b].double().tolist(), 0.5, floor)
+            point_list = None if points is None else points[b].double().tolist()
+            expected = reference_suppressed(
+                probs, boxes[b].double().tolist(), 0.5, floor, point_list
+            )
             total += len(expected)
             for m in range(num):
                 for c in range(classes):
@@ -99,6 +120,16 @@ class TestClassNMS(unittest.TestCase):
                     self.assertAlmostEqual(float(out[b, m, c]), want, places=5, msg=(b, m, c))
         self.assertGreater(total, 10)  # the case suppresses something
         self.assertEqual(out.dtype, logits.dtype)
+
+    def test_the_rank_decides_which_duplicate_is_kept(self):
+        boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2]]])  # IoU ~0.9
+        logits = torch.tensor([[[5.0], [4.0]]])  # point 0 the more probable
+        points = torch.tensor([[[0.6, 0.6, 0.2, 0.2], [0.51, 0.5, 0.2, 0.2]]])  # point 1 fits
+        floor = torch.tensor(probability_logit(0.01)).item()  # in float32
+        by_p = suppress_duplicate_targets(logits, boxes, 0.5, 0.01)
+        by_fit = suppress_duplicate_targets(logits, boxes, 0.5, 0.01, point_boxes=points)
+        self.assertEqual(by_p.flatten().tolist(), [5.0, floor])
+        self.assertEqual(by_fit.flatten().tolist(), [floor, 4.0])
 
     def test_separate_boxes_keep_their_targets(self):
         boxes = torch.tensor([[[0.2, 0.2, 0.1, 0.1], [0.7, 0.7, 0.1, 0.1]]])
@@ -146,6 +177,15 @@ class TestPairing(unittest.TestCase):
         self.assertFalse(torch.equal(expected, floored))  # and so does the NMS
         torch.testing.assert_close(shaped.teacher["pred_boxes"], plain.teacher["pred_boxes"])
         torch.testing.assert_close(shaped.weights, plain.weights)  # foreground weights unchanged
+        context = self._context(min_class_probability=0.05, class_nms_thresh=0.3,
+                                class_nms_rank="probability_x_fit")  # fmt: skip
+        by_fit = context.pairs[0]
+        expected = suppress_duplicate_targets(
+            plain.teacher["pred_logits"], plain.teacher["pred_boxes"], 0.3, 0.05, 0.05,
+            point_boxes=context.teacher_outputs["own"]["boxes"],
+        )  # fmt: skip
+        expected = floor_class_probabilities(expected, 0.05)
+        torch.testing.assert_close(by_fit.teacher["pred_logits"], expected)
 
     def _pairing(self, student, teacher, **options):
         return BoxEvaluationPairing(student=student, teacher=Teacher(teacher, None), **options)
@@ -161,6 +201,8 @@ class TestPairing(unittest.TestCase):
                           class_nms_thresh=1.5)  # fmt: skip
         with self.assertRaisesRegex(ValueError, "MIN_CLASS_PROBABILITY, which is 0"):
             self._pairing(detr, self.teacher_model, class_nms_thresh=0.5)
+        with self.assertRaisesRegex(ValueError, "CLASS_NMS_RANK must be one of"):
+            self._pairing(detr, self.teacher_model, class_nms_rank="fit")
 
 
 class TestFromConfig(unittest.TestCase):

@@ -38,7 +38,12 @@ from .class_mapping import BACKGROUND_RULES, convert_class_logits
 from .context import KDContext, PointPair
 from .pairing import KD_PAIRING_REGISTRY, KDPairing
 from .points import DistillationPointSampler
-from .set_targets import floor_class_probabilities, probability_logit, suppress_duplicate_targets
+from .set_targets import (
+    NMS_RANKS,
+    floor_class_probabilities,
+    probability_logit,
+    suppress_duplicate_targets,
+)
 from .teacher import Teacher
 
 __all__ = ["BoxEvaluationPairing", "add_box_kd_config"]
@@ -69,6 +74,9 @@ def add_box_kd_config(cfg):
     # this IoU; each suppressed (point, class) target becomes MIN_CLASS_PROBABILITY (> 0
     # needed). 0: off. 0.5 is a Faster R-CNN's MODEL.ROI_HEADS.NMS_THRESH_TEST.
     boxes.CLASS_NMS_THRESH = 0.0
+    # What the class-wise NMS ranks by: "probability" (the teacher's, as its own NMS) or
+    # "probability_x_fit" (times the IoU of the point's box with the teacher's box there).
+    boxes.CLASS_NMS_RANK = "probability"
 
 
 @KD_PAIRING_REGISTRY.register(name="boxes")
@@ -88,6 +96,7 @@ class BoxEvaluationPairing(KDPairing):
         min_class_probability (float): floor of the class targets (sigmoid students); 0: off.
         class_nms_thresh (float): IoU of the class-wise NMS over each group's targets (sigmoid
             students; needs ``min_class_probability`` > 0); 0: off.
+        class_nms_rank (str): one of :data:`~kd_detr.distill.set_targets.NMS_RANKS`.
 
     Raises:
         TypeError / ValueError: at construction, naming both meta-architectures, when a model
@@ -111,6 +120,7 @@ class BoxEvaluationPairing(KDPairing):
         background: str = "product",
         min_class_probability: float = 0.0,
         class_nms_thresh: float = 0.0,
+        class_nms_rank: str = "probability",
     ):
         pair = f"{type(teacher.model).__name__} teacher -> {type(student).__name__} student"
         if sampler is None and not specific and not student_proposals:
@@ -139,6 +149,11 @@ class BoxEvaluationPairing(KDPairing):
                 f"(an R-CNN); {type(student).__name__} has none"
             )
         self._check_set_targets(pair, min_class_probability, class_nms_thresh)
+        if class_nms_rank not in NMS_RANKS:
+            raise ValueError(
+                f"MODEL.KD.BOXES.CLASS_NMS_RANK must be one of {NMS_RANKS}, got {class_nms_rank!r}"
+            )
+        self.class_nms_rank = class_nms_rank
         self.min_class_probability = float(min_class_probability)
         self.class_nms_thresh = float(class_nms_thresh)
         self.student = student
@@ -170,6 +185,7 @@ class BoxEvaluationPairing(KDPairing):
             background=kd.BOXES.BACKGROUND,
             min_class_probability=kd.BOXES.MIN_CLASS_PROBABILITY,
             class_nms_thresh=kd.BOXES.CLASS_NMS_THRESH,
+            class_nms_rank=kd.BOXES.CLASS_NMS_RANK,
         )
         if kd.MODE == "sigmoid" and pairing.student_eval.softmax:
             raise ValueError(
@@ -205,14 +221,21 @@ class BoxEvaluationPairing(KDPairing):
                     "focal prior)"
                 )
 
-    def _set_targets(self, target: Dict) -> torch.Tensor:
-        """The class target logits with the floor and the class-wise NMS applied."""
+    def _set_targets(self, target: Dict, point_boxes: torch.Tensor) -> torch.Tensor:
+        """The class target logits with the floor and the class-wise NMS applied.
+
+        Args:
+            target (dict): the teacher's "pred_logits" (B, M, C) sigmoid, "pred_boxes" (B, M, 4).
+            point_boxes (Tensor): (B or 1, M, 4) the group's points, normalised cxcywh.
+        """
         logits = target["pred_logits"]
         if self.class_nms_thresh > 0:
             floor = self.min_class_probability  # pairs at or below it end at the floor anyway
+            fit = self.class_nms_rank == "probability_x_fit"
             logits = suppress_duplicate_targets(
-                logits, target["pred_boxes"], self.class_nms_thresh, floor, score_threshold=floor
-            )
+                logits, target["pred_boxes"], self.class_nms_thresh, floor, score_threshold=floor,
+                point_boxes=point_boxes.to(logits.device) if fit else None,
+            )  # fmt: skip
         return floor_class_probabilities(logits, self.min_class_probability)
 
     def _general(self) -> List[str]:
@@ -262,18 +285,18 @@ class BoxEvaluationPairing(KDPairing):
             teacher_outputs={"own": own, "groups": t_groups},
             teacher_softmax=self.teacher.softmax,
         )
-        context.pairs = self._pairs(names, s_groups, t_groups)
+        context.pairs = self._pairs(names, s_groups, t_groups, boxes)
         return loss_dict, context
 
-    def _pairs(self, names, s_groups, t_groups) -> List[PointPair]:
+    def _pairs(self, names, s_groups, t_groups, boxes) -> List[PointPair]:
         pairs = []
-        for name, s_group, t_group in zip(names, s_groups, t_groups):
+        for name, s_group, t_group, points in zip(names, s_groups, t_groups, boxes):
             target, weights = self.teacher.targets(t_group, self.point_weights)
             target["pred_logits"] = convert_class_logits(
                 target["pred_logits"], self.teacher.softmax, self.student_eval.softmax,
                 self.background,
             )  # fmt: skip
-            target["pred_logits"] = self._set_targets(target)
+            target["pred_logits"] = self._set_targets(target, points)
             device = s_group["pred_logits"].device
             target = {k: v.to(device) for k, v in target.items()}
             if weights is not None:

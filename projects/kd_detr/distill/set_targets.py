@@ -16,19 +16,33 @@ differ from a focal DETR teacher's in two ways:
   :func:`suppress_duplicate_targets` runs the teacher's class-wise NMS over the points of each
   group and image (``MODEL.KD.BOXES.CLASS_NMS_THRESH``) and sets the target of each suppressed
   (point, class) to the floor, so that the group's targets are the teacher's detections, one
-  per object, as a set predictor's would be.
+  per object, as a set predictor's would be. The NMS ranks by the teacher's probability
+  (``MODEL.KD.BOXES.CLASS_NMS_RANK "probability"``, as the teacher's own NMS) or by the
+  probability times the IoU of the point's box with the teacher's refined box there
+  (``"probability_x_fit"``): of near-equal scores (a softmax R-CNN gives ~0.99 to every box on
+  an object) the point whose box already fits is kept, as a DETR's matching keeps the query whose
+  box is closest.
 
 Both act on sigmoid target logits (the student's classifier type), after the conversion of
 :func:`~kd_detr.distill.class_mapping.convert_class_logits`.
 """
 import math
+from typing import Optional
 
 import torch
 from torchvision.ops import batched_nms
 
-from ..modeling.box_ops import box_cxcywh_to_xyxy
+from ..modeling.box_ops import box_area, box_cxcywh_to_xyxy
 
-__all__ = ["floor_class_probabilities", "probability_logit", "suppress_duplicate_targets"]
+__all__ = [
+    "NMS_RANKS",
+    "floor_class_probabilities",
+    "paired_box_iou",
+    "probability_logit",
+    "suppress_duplicate_targets",
+]
+
+NMS_RANKS = ("probability", "probability_x_fit")
 
 
 def probability_logit(probability: float) -> float:
@@ -36,6 +50,15 @@ def probability_logit(probability: float) -> float:
     if not 0.0 < probability < 1.0:
         raise ValueError(f"a probability strictly between 0 and 1 is needed, got {probability}")
     return math.log(probability) - math.log1p(-probability)
+
+
+def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """IoU of matching boxes: (..., 4) xyxy each -> (...,)."""
+    wh = torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])
+    wh = wh.clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter / union.clamp(min=1e-12)
 
 
 def floor_class_probabilities(logits: torch.Tensor, min_probability: float) -> torch.Tensor:
@@ -59,13 +82,15 @@ def suppress_duplicate_targets(
     iou_threshold: float,
     min_probability: float,
     score_threshold: float = 0.0,
+    point_boxes: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Class-wise NMS over the points of each image: the target of each suppressed
     (point, class) becomes ``min_probability``.
 
-    A (point, class) with probability p is suppressed when another point of the same image has
-    a higher probability for that class and a box with IoU above ``iou_threshold`` with it,
-    unless that point is suppressed itself (greedy NMS, ``torchvision.ops.batched_nms``).
+    A (point, class) is suppressed when another point of the same image ranks higher for that
+    class and has a box with IoU above ``iou_threshold`` with it, unless that point is
+    suppressed itself (greedy NMS, ``torchvision.ops.batched_nms``). The rank is the probability
+    p, or with ``point_boxes`` p times the IoU of the point's box with the teacher's box there.
 
     Args:
         logits (Tensor): (B, M, C) sigmoid target logits.
@@ -74,6 +99,8 @@ def suppress_duplicate_targets(
         min_probability (float): the target of suppressed pairs, 0 < p < 1.
         score_threshold (float): pairs with probability at or below this take no part (they
             neither suppress nor are suppressed).
+        point_boxes (Tensor or None): (B, M, 4) or (1, M, 4) the points' own boxes, normalised
+            cxcywh: rank by p x IoU(point box, teacher box); None: by p.
 
     Returns:
         Tensor: (B, M, C) logits, the input's dtype.
@@ -85,11 +112,15 @@ def suppress_duplicate_targets(
     xyxy = box_cxcywh_to_xyxy(boxes.float())
     out = logits.clone()
     probs = logits.float().sigmoid()
+    rank = probs
+    if point_boxes is not None:
+        fit = paired_box_iou(box_cxcywh_to_xyxy(point_boxes.float()).expand_as(xyxy), xyxy)
+        rank = probs * fit[..., None]
     for b in range(batch):
         point, cls = torch.nonzero(probs[b] > score_threshold, as_tuple=True)
         if point.numel() == 0:
             continue
-        keep = batched_nms(xyxy[b, point], probs[b, point, cls], cls, iou_threshold)
+        keep = batched_nms(xyxy[b, point], rank[b, point, cls], cls, iou_threshold)
         suppressed = torch.ones_like(point, dtype=torch.bool)
         suppressed[keep] = False
         out[b, point[suppressed], cls[suppressed]] = floor

@@ -66,6 +66,7 @@ class TestClaims(unittest.TestCase):
                 continue  # not finished: that claim pairs 2 seeds
             ap = values[run["arm"]][run["seed"]]
             run.update(state="finished", seconds=1.0, bbox={"AP": ap, "AP75": ap - 10})
+        bench.runs[0]["resumed_at_iteration"] = 120  # shown beside its seconds
         claims = bench.result(0.0)["summary"]["claims"]
         self.assertEqual([c["verdict"] for c in claims],
                          ["agrees", "unresolved, same sign", "unresolved, opposite sign"])
@@ -80,6 +81,7 @@ class TestClaims(unittest.TestCase):
             text = f.read()
         self.assertIn("| kd > no_kd | AP | 3 | +4.4 [", text)
         self.assertIn("| agrees | paper, Table 1 |", text)
+        self.assertIn("| 1.0 (resumed at iteration 120) | finished |", text)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             print_tables(result)

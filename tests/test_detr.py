@@ -116,6 +116,10 @@ class TestBoxOps(unittest.TestCase):
             self.assertAlmostEqual(giou[i, 0].item(), expected, places=6)
         paired = box_ops.paired_generalized_box_iou(xyxy, other.expand(2, 4))
         torch.testing.assert_close(paired, giou[:, 0])
+        iou = box_ops.box_iou(xyxy, other)[0][:, 0]
+        torch.testing.assert_close(box_ops.paired_box_iou(xyxy, other.expand(2, 4)), iou)
+        batched = box_ops.paired_box_iou(torch.stack([xyxy, xyxy]), other.expand(2, 2, 4))
+        torch.testing.assert_close(batched, torch.stack([iou, iou]))  # (..., 4) boxes
         self.assertAlmostEqual(box_ops.generalized_box_iou(xyxy, xyxy)[0, 0].item(), 1.0, places=6)
 
     def test_empty(self):
@@ -123,6 +127,9 @@ class TestBoxOps(unittest.TestCase):
         self.assertEqual(box_ops.generalized_box_iou(empty, one).shape, (0, 1))
         self.assertEqual(box_ops.box_iou(one, empty)[0].shape, (1, 0))
         self.assertEqual(box_ops.paired_generalized_box_iou(empty, empty).shape, (0,))
+        self.assertEqual(box_ops.paired_box_iou(empty, empty).shape, (0,))
+        zero = torch.zeros(1, 4)  # both empty: 0, not 0 / 0
+        self.assertEqual(box_ops.paired_box_iou(zero, zero).tolist(), [0.0])
         self.assertEqual(box_ops.box_cxcywh_to_xyxy(empty).shape, (0, 4))
 
 

@@ -7,8 +7,7 @@ from .runs import finished_run
 
 __all__ = [
     "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_plan", "print_tables",
-    "run_rows",
-    "summary_rows", "write_chart", "write_markdown",
+    "run_rows", "summary_rows", "write_chart", "write_markdown",
 ]  # fmt: skip
 
 METRICS = ("AP", "AP50", "AP75")  # the default metrics of a bench (arms file ``metrics:``)

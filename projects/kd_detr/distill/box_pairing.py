@@ -148,11 +148,7 @@ class BoxEvaluationPairing(KDPairing):
                 f"{pair}: MODEL.KD.BOXES.STUDENT_PROPOSALS needs a student with proposals "
                 f"(an R-CNN); {type(student).__name__} has none"
             )
-        self._check_set_targets(pair, min_class_probability, class_nms_thresh)
-        if class_nms_rank not in NMS_RANKS:
-            raise ValueError(
-                f"MODEL.KD.BOXES.CLASS_NMS_RANK must be one of {NMS_RANKS}, got {class_nms_rank!r}"
-            )
+        self._check_set_targets(pair, min_class_probability, class_nms_thresh, class_nms_rank)
         self.class_nms_rank = class_nms_rank
         self.min_class_probability = float(min_class_probability)
         self.class_nms_thresh = float(class_nms_thresh)
@@ -194,8 +190,15 @@ class BoxEvaluationPairing(KDPairing):
             )
         return pairing
 
-    def _check_set_targets(self, pair: str, min_probability: float, nms_thresh: float) -> None:
-        """Start-up checks of MODEL.KD.BOXES.{MIN_CLASS_PROBABILITY, CLASS_NMS_THRESH}."""
+    def _check_set_targets(
+        self, pair: str, min_probability: float, nms_thresh: float, nms_rank: str
+    ) -> None:
+        """Start-up checks of MODEL.KD.BOXES.{MIN_CLASS_PROBABILITY, CLASS_NMS_THRESH,
+        CLASS_NMS_RANK}."""
+        if nms_rank not in NMS_RANKS:
+            raise ValueError(
+                f"MODEL.KD.BOXES.CLASS_NMS_RANK must be one of {NMS_RANKS}, got {nms_rank!r}"
+            )
         if min_probability == 0 and nms_thresh == 0:
             return
         if self.student_eval.softmax:

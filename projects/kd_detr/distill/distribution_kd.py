@@ -38,7 +38,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 
 from ..config import CONFIG_EXTENSION_REGISTRY
-from ..modeling.box_ops import box_cxcywh_to_xyxy
+from ..modeling.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from .registry import KD_LOSS_REGISTRY
 from .term import PointKDTerm
 from .weights import foreground_weights
@@ -146,16 +146,6 @@ def decoupled_distillation_focal_loss(
     loss_pos = kl[pos].mean() if pos.any() else kl.sum() * 0
     loss_neg = kl[~pos].mean() if (~pos).any() else kl.sum() * 0
     return (loss_pos * num_pos + loss_neg * num_neg) / (num_pos + num_neg)
-
-
-def _paired_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """(...,) IoU of matching (..., 4) cxcywh boxes."""
-    a, b = box_cxcywh_to_xyxy(boxes1), box_cxcywh_to_xyxy(boxes2)
-    wh = (torch.min(a[..., 2:], b[..., 2:]) - torch.max(a[..., :2], b[..., :2])).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / (area_a + area_b - inter).clamp(min=1e-12)
 
 
 @KD_LOSS_REGISTRY.register()
@@ -299,7 +289,8 @@ class DistributionKDLoss(PointKDTerm):
             weight = conf
             if matched.any():
                 with torch.no_grad():
-                    iou = _paired_iou(s_boxes[layer].detach(), teacher["matched_boxes"].float())
+                    iou = paired_box_iou(box_cxcywh_to_xyxy(s_boxes[layer].detach()),
+                                         box_cxcywh_to_xyxy(teacher["matched_boxes"].float()))
                 weight = torch.where(matched, iou, conf)
             value = decoupled_distillation_focal_loss(
                 s_corners[layer], target, weight, matched, self.temperature

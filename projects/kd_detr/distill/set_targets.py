@@ -32,12 +32,11 @@ from typing import Optional
 import torch
 from torchvision.ops import batched_nms
 
-from ..modeling.box_ops import box_area, box_cxcywh_to_xyxy
+from ..modeling.box_ops import box_cxcywh_to_xyxy, paired_box_iou
 
 __all__ = [
     "NMS_RANKS",
     "floor_class_probabilities",
-    "paired_box_iou",
     "probability_logit",
     "suppress_duplicate_targets",
 ]
@@ -50,15 +49,6 @@ def probability_logit(probability: float) -> float:
     if not 0.0 < probability < 1.0:
         raise ValueError(f"a probability strictly between 0 and 1 is needed, got {probability}")
     return math.log(probability) - math.log1p(-probability)
-
-
-def paired_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """IoU of matching boxes: (..., 4) xyxy each -> (...,)."""
-    wh = torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])
-    wh = wh.clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(boxes1) + box_area(boxes2) - inter
-    return inter / union.clamp(min=1e-12)
 
 
 def floor_class_probabilities(logits: torch.Tensor, min_probability: float) -> torch.Tensor:
@@ -108,7 +98,7 @@ def suppress_duplicate_targets(
     if not 0.0 < iou_threshold < 1.0:
         raise ValueError(f"the NMS IoU threshold must be in (0, 1), got {iou_threshold}")
     floor = probability_logit(min_probability)
-    batch, num_points, num_classes = logits.shape
+    batch = logits.shape[0]
     xyxy = box_cxcywh_to_xyxy(boxes.float())
     out = logits.clone()
     probs = logits.float().sigmoid()

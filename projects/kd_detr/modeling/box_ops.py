@@ -71,6 +71,23 @@ def generalized_box_iou(boxes1, boxes2):
     return iou - (enclosing - union) / enclosing
 
 
+def paired_box_iou(boxes1, boxes2):
+    """IoU of matching boxes, i.e. the diagonal of :func:`box_iou` without the (N, M) matrix.
+
+    Args:
+        boxes1 (Tensor): (..., 4) xyxy.
+        boxes2 (Tensor): (..., 4) xyxy, same shape.
+
+    Returns:
+        Tensor: (...,) IoU of ``boxes1[i]`` with ``boxes2[i]`` (0 where both are empty).
+    """
+    wh = torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])
+    wh = wh.clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = box_area(boxes1) + box_area(boxes2) - inter
+    return inter / union.clamp(min=1e-12)
+
+
 def paired_generalized_box_iou(boxes1, boxes2):
     """GIoU of matching rows, i.e. the diagonal of :func:`generalized_box_iou` in O(N).
 

@@ -13,12 +13,12 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.utils import comm
 
-from ..box_ops import box_cxcywh_to_xyxy
+from ..box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from ..transformer import MLP
 from ..transformer.dfine_decoder import DFineDecoder
 from .dfine_losses import ddf_loss, fgl_loss, union_indices
 from .rtdetr import RTDETR
-from .rtdetr_criterion import _paired_iou, denoising_targets
+from .rtdetr_criterion import denoising_targets
 
 __all__ = ["DFINE"]
 
@@ -231,7 +231,7 @@ class DFINE(RTDETR):
             batch, src = crit._src_index(box_idx, layer["pred_boxes"].device)
             tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, box_idx)])
             tgt = box_cxcywh_to_xyxy(tgt.to(layer["pred_boxes"]))
-            iou = _paired_iou(box_cxcywh_to_xyxy(layer["pred_boxes"][batch, src].detach()), tgt)
+            iou = paired_box_iou(box_cxcywh_to_xyxy(layer["pred_boxes"][batch, src].detach()), tgt)
             corners = out["pred_corners"][i]
             terms["loss_fgl"] = fgl_loss(
                 corners[batch, src], out["initial_boxes"][batch, src], tgt, iou,

@@ -6,7 +6,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..box_ops import box_cxcywh_to_xyxy
+from ..box_ops import box_cxcywh_to_xyxy, paired_box_iou
 from ..criterion import SetCriterion
 from ..denoising import DenoisingQueries
 
@@ -45,24 +45,13 @@ class VarifocalCriterion(SetCriterion):
         )
         pred = outputs["pred_boxes"][batch, src].detach()
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)
-        iou = _paired_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt))
+        iou = paired_box_iou(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(tgt))
         onehot = torch.zeros_like(logits)
         onehot[batch, src, labels] = 1
         score = torch.zeros_like(logits)
         score[batch, src, labels] = iou.to(logits.dtype)
         loss = varifocal_loss(logits, score, onehot, self.focal_alpha, self.focal_gamma)
         return {"loss_class": loss.sum() / num_boxes}
-
-
-def _paired_iou(boxes1, boxes2):
-    """(N,) IoU of matching rows of two (N, 4) xyxy tensors."""
-    wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(
-        min=0
-    )
-    inter = wh[:, 0] * wh[:, 1]
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    return inter / (area1 + area2 - inter)
 
 
 def denoising_targets(

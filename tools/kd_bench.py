@@ -26,7 +26,8 @@
    (``bench/run_lock.py``) and skips the runs the others train.
 5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
    and std of AP / AP50 / AP75 over seeds, paired difference to ``--baseline`` with a 95%
-   t-interval), ``OUTPUT/bench_ap.png``.
+   t-interval), ``OUTPUT/bench_ap.png``; with ``--curves`` the learning curves from every run's
+   checkpoints, ``OUTPUT/bench_curves.{json,md,png}`` (``bench/curves.py``).
 
 ``--train`` / ``--test`` put every model on other data: a registered dataset name, a COCO json
 (with ``--train-images`` / ``--test-images``) or a VOC folder (with ``--train-split`` /
@@ -48,10 +49,12 @@ from bench import (  # noqa: E402; fmt: skip
     config_hash,
     flat_opts,
     load_arms,
+    parse_with_overrides,
     schedule_opts,
     train_run,
 )
 from bench.checks import BenchChecksMixin, _pick  # noqa: E402
+from bench.curves import write_curves  # noqa: E402
 from bench.report import METRICS, duration, print_plan, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
@@ -103,6 +106,11 @@ def add_bench_args(parser):
         "--teacher-only", action="store_true",
         help="train (or find in the cache) the teacher, print its AP and stop",
     )  # fmt: skip
+    parser.add_argument(
+        "--curves", action="store_true",
+        help="also evaluate every checkpoint of the finished runs (cached in each run folder) "
+        "and write learning curves: OUTPUT/bench_curves.{json,md,png}",
+    )  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -121,21 +129,6 @@ def parse_args(argv=None):
     )  # fmt: skip
     add_bench_args(parser)
     return parse_with_overrides(parser, argv)
-
-
-def parse_with_overrides(parser, argv=None):
-    """``parser.parse_args`` with everything after ``--`` as ``args.opts`` (KEY VALUE pairs)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    opts = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, opts = argv[:i], argv[i + 1 :]
-    args = parser.parse_args(argv)
-    args.opts = opts
-    for name in ("opts", "teacher_opts"):
-        if len(getattr(args, name) or []) % 2:
-            parser.error(f"overrides must be KEY VALUE pairs, got {getattr(args, name)}")
-    return args
 
 
 def _needs_teacher(cfg) -> bool:
@@ -479,7 +472,11 @@ def run_bench(spec, args, arms_file="(arms)"):
         if is_part(spec, args):  # report all of the bench that is finished, not only the part
             result = whole_bench(spec, args, arms_file).report_only(ran=result)
     print_tables(result)
-    for name in ("bench_results.json", "bench_results.md", "bench_ap.png"):
+    names = ["bench_results.json", "bench_results.md", "bench_ap.png"]
+    if getattr(args, "curves", False):
+        write_curves(result, bench.output, args.python, args.results_from)
+        names += ["bench_curves.json", "bench_curves.md", "bench_curves.png"]
+    for name in names:
         print(f"wrote {os.path.join(bench.output, name)}")
     return result
 

@@ -36,10 +36,13 @@ Config paths are relative to the repository root (or absolute).
 """
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-__all__ = ["Arm", "BenchError", "BenchSpec", "Claim", "flat_opts", "load_arms"]
+__all__ = [
+    "Arm", "BenchError", "BenchSpec", "Claim", "flat_opts", "load_arms", "parse_with_overrides",
+]  # fmt: skip
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ARM_KEYS = {"name", "config", "opts", "label", "init_from_teacher"}
@@ -220,3 +223,18 @@ def load_arms(path):
     if claims is not None:
         spec.claims = _parse_claims(claims, names, path)
     return spec
+
+
+def parse_with_overrides(parser, argv=None):
+    """``parser.parse_args`` with everything after ``--`` as ``args.opts`` (KEY VALUE pairs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, opts = argv[:i], argv[i + 1 :]
+    args = parser.parse_args(argv)
+    args.opts = opts
+    for name in ("opts", "teacher_opts"):
+        if len(getattr(args, name) or []) % 2:
+            parser.error(f"overrides must be KEY VALUE pairs, got {getattr(args, name)}")
+    return args

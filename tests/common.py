@@ -70,3 +70,19 @@ def load_tool(filename: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def tiny_demo_opts(data_root, size=96, num_train=8, num_val=4, iters=2, warmup=0, steps="()"):
+    """Overrides for a few CPU iterations of a demo config: a synthetic ``kd_demo`` split of
+    ``num_train`` / ``num_val`` images of ``size`` px written under ``data_root``, batch 2, no
+    ImageNet weights, no loader workers. Later overrides win (Detectron2 merges in order)."""
+    return [
+        "DATASETS.KD_DEMO.ROOT", data_root,
+        "DATASETS.KD_DEMO.NUM_TRAIN", str(num_train), "DATASETS.KD_DEMO.NUM_VAL", str(num_val),
+        "DATASETS.KD_DEMO.IMAGE_SIZE", str(size),
+        "INPUT.MIN_SIZE_TRAIN", f"({size},)", "INPUT.MAX_SIZE_TRAIN", str(size),
+        "INPUT.MIN_SIZE_TEST", str(size), "INPUT.MAX_SIZE_TEST", str(size),
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", str(iters),
+        "SOLVER.WARMUP_ITERS", str(warmup), "SOLVER.STEPS", steps,
+        "DATALOADER.NUM_WORKERS", "0", "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
+    ]  # fmt: skip

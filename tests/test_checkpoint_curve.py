@@ -19,7 +19,7 @@ from kd_detr.config import load_config
 from kd_detr.engine import Trainer, evaluate_checkpoints, list_checkpoints
 from kd_detr.engine.checkpoint_curve import CURVE_FILE
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, tiny_demo_opts
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import eval_checkpoints  # noqa: E402
@@ -39,17 +39,9 @@ class CheckpointCurveTest(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = cls._tmp.name
-        cls.tiny = [
-            "DATASETS.KD_DEMO.ROOT", os.path.join(cls.tmp, "data"),
-            "DATASETS.KD_DEMO.NUM_TRAIN", "16", "DATASETS.KD_DEMO.NUM_VAL", "6",
-            "DATASETS.KD_DEMO.IMAGE_SIZE", "96",
-            "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "6", "SOLVER.WARMUP_ITERS", "2",
-            "SOLVER.STEPS", "(5,)", "SOLVER.CHECKPOINT_PERIOD", "2",
-            "DATALOADER.NUM_WORKERS", "0", "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
-            "SOLVER.BASE_LR", "0.001",
-        ]  # fmt: skip
+        cls.tiny = tiny_demo_opts(
+            os.path.join(cls.tmp, "data"), num_train=16, num_val=6, iters=6, warmup=2, steps="(5,)"
+        ) + ["SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.BASE_LR", "0.001"]
         cls.out = os.path.join(cls.tmp, "run")
         args = default_argument_parser().parse_args(
             ["--config-file", CONFIG, "OUTPUT_DIR", cls.out, *cls.tiny]

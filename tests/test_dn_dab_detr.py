@@ -24,7 +24,7 @@ from kd_detr.modeling.denoising import (
     noise_labels,
 )
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, tiny_demo_opts
 from .model_helpers import config_from
 from .test_dab_detr import groups_for, synthetic_batch, tiny_model
 
@@ -346,17 +346,9 @@ class TestDNRecipeAndTraining(unittest.TestCase):
         config = os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite0_demo.yaml")
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "train")
-            opts = [
-                "MODEL.DETR.DN.ENABLED", "True", "OUTPUT_DIR", out,
-                "DATASETS.KD_DEMO.ROOT", os.path.join(tmp, "data"),
-                "DATASETS.KD_DEMO.NUM_TRAIN", "8", "DATASETS.KD_DEMO.NUM_VAL", "4",
-                "DATASETS.KD_DEMO.IMAGE_SIZE", "96",
-                "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-                "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-                "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "3", "SOLVER.WARMUP_ITERS", "1",
-                "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
-                "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
-            ]  # fmt: skip
+            opts = ["MODEL.DETR.DN.ENABLED", "True", "OUTPUT_DIR", out] + tiny_demo_opts(
+                os.path.join(tmp, "data"), iters=3, warmup=1, steps="(2,)"
+            )
             args = default_argument_parser().parse_args(["--config-file", config, *opts])
             train_net.main(args)
             with open(os.path.join(out, "metrics.json")) as f:

@@ -21,7 +21,7 @@ import train_net
 from kd_detr.distill import KD_LOSS_REGISTRY, DistillationPointSampler, PointKDTerm
 from kd_detr.engine import KDAMPTrainer, KDSimpleTrainer, KDWeightSchedule, launch
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, tiny_demo_opts
 from .kd_helpers import (
     FixedBatchKDTrainer,
     kd_cfg,
@@ -364,16 +364,8 @@ class TestKDTrainNet(unittest.TestCase):
         config = os.path.join(config, "kd_dab_detr_efflite0_from_efflite2_demo.yaml")
         with tempfile.TemporaryDirectory() as tmp:
             teacher_cfg = os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite2_demo.yaml")
-            tiny = [
-                "DATASETS.KD_DEMO.ROOT", os.path.join(tmp, "data"),
-                "DATASETS.KD_DEMO.NUM_TRAIN", "8", "DATASETS.KD_DEMO.NUM_VAL", "4",
-                "DATASETS.KD_DEMO.IMAGE_SIZE", "64",
-                "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-                "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-                "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "0",
-                "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0",
-                "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False", "MODEL.KD.GENERAL.NUM_POINTS", "10",
-            ]  # fmt: skip
+            tiny = tiny_demo_opts(os.path.join(tmp, "data"), size=64)
+            tiny += ["MODEL.KD.GENERAL.NUM_POINTS", "10"]
             args = default_argument_parser().parse_args(
                 ["--config-file", teacher_cfg, "OUTPUT_DIR", os.path.join(tmp, "t"), *tiny]
             )

@@ -25,7 +25,7 @@ import train_net
 from kd_detr.config import UnknownConfigKeyError, load_config
 from kd_detr.engine import write_metrics_json
 from kd_detr.engine.setup import StartupError, check_schedule, solver_as_run
-from tests.common import REPO_ROOT, TempDatasetsCase
+from tests.common import REPO_ROOT, TempDatasetsCase, tiny_demo_opts
 
 COCO_RECIPE = os.path.join(REPO_ROOT, "configs", "dab_detr", "dab_detr_R_18_50ep_coco.yaml")
 DEMO = os.path.join(REPO_ROOT, "configs", "demo", "dab_detr_efflite0_demo.yaml")
@@ -258,17 +258,8 @@ class TestTwoProcessRun(TempDatasetsCase):
         # The example: MAX_ITER 5 on 2 processes with REFERENCE_WORLD_SIZE 1 runs 2
         # iterations of twice the batch; metrics_final.json used to record max_iter 5.
         out = os.path.join(self.tmp, "out")
-        tiny = [
-            "DATASETS.KD_DEMO.ROOT", os.path.join(self.tmp, "data"),
-            "DATASETS.KD_DEMO.NUM_TRAIN", "8", "DATASETS.KD_DEMO.NUM_VAL", "4",
-            "DATASETS.KD_DEMO.IMAGE_SIZE", "96",
-            "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.REFERENCE_WORLD_SIZE", "1",
-            "SOLVER.MAX_ITER", "5", "SOLVER.STEPS", "(2,)", "SOLVER.WARMUP_ITERS", "0",
-            "DATALOADER.NUM_WORKERS", "0", "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
-            "OUTPUT_DIR", out,
-        ]  # fmt: skip
+        tiny = tiny_demo_opts(os.path.join(self.tmp, "data"), iters=5, steps="(2,)")
+        tiny += ["SOLVER.REFERENCE_WORLD_SIZE", "1", "OUTPUT_DIR", out]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run(
             [sys.executable, "train_net.py", "--config-file", DEMO, "--num-gpus", "2", *tiny],

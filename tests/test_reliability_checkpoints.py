@@ -19,7 +19,7 @@ import train_net
 from kd_detr.checkpoint import SafeCheckpointer, is_readable_checkpoint
 from kd_detr.engine import KDTrainer
 
-from .common import REPO_ROOT
+from .common import REPO_ROOT, tiny_demo_opts
 from .kd_helpers import FixedBatchKDTrainer, kd_cfg, save_teacher
 from .model_helpers import single_thread_module
 
@@ -29,16 +29,8 @@ DEMO_DIR = os.path.join(REPO_ROOT, "configs", "demo")
 DEMO = os.path.join(DEMO_DIR, "dab_detr_efflite0_demo.yaml")
 
 
-def tiny_demo_opts(tmp):
-    return [
-        "DATASETS.KD_DEMO.ROOT", os.path.join(tmp, "data"), "DATASETS.KD_DEMO.NUM_TRAIN", "8",
-        "DATASETS.KD_DEMO.NUM_VAL", "4", "DATASETS.KD_DEMO.IMAGE_SIZE", "64",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",
-        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "TEST.EVAL_PERIOD", "0",
-        "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
-    ]  # fmt: skip
+def tiny_run_opts(tmp):
+    return tiny_demo_opts(os.path.join(tmp, "data"), size=64) + ["TEST.EVAL_PERIOD", "0"]
 
 
 def run_train_net(*argv):
@@ -121,7 +113,7 @@ class TestRunGuards(unittest.TestCase):
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = cls._tmp.name
-        cls.opts = tiny_demo_opts(cls.tmp)
+        cls.opts = tiny_run_opts(cls.tmp)
         cls.out = os.path.join(cls.tmp, "run")
         run_train_net("--config-file", DEMO, "OUTPUT_DIR", cls.out, *cls.opts)
 

@@ -9,7 +9,7 @@ import unittest
 from detectron2.engine import default_argument_parser
 
 import train_net
-from tests.common import REPO_ROOT
+from tests.common import REPO_ROOT, tiny_demo_opts
 
 DEMO_CONFIGS = os.path.join(REPO_ROOT, "configs", "demo")
 
@@ -29,17 +29,9 @@ class _TrainNetCase:
     def setUpClass(cls):
         cls._tmp = tempfile.TemporaryDirectory()
         cls.tmp = cls._tmp.name
-        cls.tiny = [
-            "DATASETS.KD_DEMO.ROOT", os.path.join(cls.tmp, "data"),
-            "DATASETS.KD_DEMO.NUM_TRAIN", "16",
-            "DATASETS.KD_DEMO.NUM_VAL", "6",
-            "DATASETS.KD_DEMO.IMAGE_SIZE", "96",
-            "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
-            "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
-            "SOLVER.IMS_PER_BATCH", "2", "SOLVER.MAX_ITER", "4", "SOLVER.WARMUP_ITERS", "2",
-            "SOLVER.STEPS", "(3,)", "DATALOADER.NUM_WORKERS", "0",
-            "MODEL.EFFICIENTNET_LITE.PRETRAINED", "False",
-        ]  # fmt: skip
+        cls.tiny = tiny_demo_opts(
+            os.path.join(cls.tmp, "data"), num_train=16, num_val=6, iters=4, warmup=2, steps="(3,)"
+        )
         cls.out = os.path.join(cls.tmp, "train")
         cls.train_results = train_net.main(cls._args("OUTPUT_DIR", cls.out, *cls.tiny))
 

@@ -81,7 +81,7 @@ class TestClaims(unittest.TestCase):
             text = f.read()
         self.assertIn("| kd > no_kd | AP | 3 | +4.4 [", text)
         self.assertIn("| agrees | paper, Table 1 |", text)
-        self.assertIn("| 1.0 (resumed at iteration 120) | finished |", text)
+        self.assertIn("| 1.0 (resumed at iteration 120) | - | finished |", text)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             print_tables(result)

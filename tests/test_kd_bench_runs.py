@@ -230,7 +230,10 @@ class TestInterruptedRunResumes(unittest.TestCase):
             # A stand-in for the interpreter: records its arguments, writes the final metrics.
             fake = _write(os.path.join(tmp, "fake_python"), textwrap.dedent(f"""\
                 #!{sys.executable}
-                import json, os, sys
+                import json, os, sys, time
+                end = time.process_time() + 0.3  # CPU the bench must count
+                while time.process_time() < end:
+                    pass
                 out = sys.argv[sys.argv.index("OUTPUT_DIR") + 1]
                 with open(os.path.join(out, "argv.json"), "w") as f:
                     json.dump(sys.argv[1:], f)
@@ -253,11 +256,34 @@ class TestInterruptedRunResumes(unittest.TestCase):
             self.assertIn("differ from an uninterrupted run", stdout.getvalue())
             self.assertEqual(record["resumed_at_iteration"], 300)
             self.assertEqual(record["bbox"]["AP"], 1.0)
+            # The stand-in's CPU time (0.3 s busy + start-up), not the bench's.
+            self.assertGreaterEqual(record["cpu_seconds"], 0.3)
+            self.assertLess(record["cpu_seconds"], 5.0)
             record = train_run(fake, "c.yaml", out, ["SEED", "1"], label="run",
                                run_hash="h1", max_iter=1200)  # another command: from scratch
             with open(os.path.join(out, "argv.json")) as f:
                 self.assertNotIn("--resume", json.load(f))
             self.assertNotIn("resumed_at_iteration", record)
+
+
+class TestTimeTotals(unittest.TestCase):
+    def test_wall_clock_and_measured_cpu_time_of_finished_runs(self):
+        from bench.report import time_totals
+
+        runs = [
+            {"bbox": {"AP": 1.0}, "seconds": 3600.0, "cpu_seconds": 3000.0},
+            {"bbox": {"AP": 1.0}, "seconds": 1800.0, "cpu_seconds": None},  # before CPU time
+            {"bbox": {"AP": 1.0}, "seconds": 600.0, "cpu_seconds": 540.0,
+             "resumed_at_iteration": 960},
+            {"bbox": None, "seconds": None},  # not run yet
+        ]  # fmt: skip
+        teacher = {"seconds": 7200.0, "cpu_seconds": 7000.0}
+        self.assertEqual(
+            time_totals({"runs": runs, "teacher": teacher}),
+            "Time: 3 finished run(s), 1h40m wall-clock in all; CPU time measured for 2 of them: "
+            "59m00s; teacher 2h00m wall-clock, 1h56m CPU (1 resumed run(s): their times cover "
+            "the part after the checkpoint).",
+        )
 
 
 if __name__ == "__main__":

@@ -58,7 +58,12 @@ from bench.curves import write_curves  # noqa: E402
 from bench.report import METRICS, duration, print_plan, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
-from bench.runs import config_path, default_teacher_cache, finished_run  # noqa: E402
+from bench.runs import (  # noqa: E402; fmt: skip
+    config_path,
+    default_teacher_cache,
+    finished_run,
+    record_fields,
+)
 
 
 def add_bench_args(parser):
@@ -289,7 +294,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         try:
             record = finished_run(t["out_dir"], t["key"])
             if record and os.path.isfile(t["weights"]):
-                t.update(state="cached", bbox=record["bbox"], seconds=record["seconds"])
+                t.update(state="cached", **record_fields(record))
                 print(f"[kd_bench] teacher: reusing the cached run {t['out_dir']}", flush=True)
                 self._fingerprint_teacher()
                 return True
@@ -300,7 +305,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
                                record={"config": t["config"], "opts": t["opts"]})  # fmt: skip
         finally:
             lock.release()
-        t.update(state="trained", bbox=record["bbox"], seconds=record["seconds"])
+        t.update(state="trained", **record_fields(record))
         print(f"[kd_bench] teacher: done in {record['seconds']:.0f} s, AP "
               f"{record['bbox']['AP']:.1f}", flush=True)  # fmt: skip
         self._fingerprint_teacher()
@@ -353,8 +358,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         elif t is not None:
             record = finished_run(t["out_dir"], t["key"]) if t["out_dir"] else None
             state = "cached" if record else "given" if t["out_dir"] is None else "not trained"
-            t.update(state=state, bbox=(record or {}).get("bbox"),
-                     seconds=(record or {}).get("seconds"))  # fmt: skip
+            t.update(state=state, **record_fields(record))
             if os.path.isfile(t["weights"]):
                 self._fingerprint_teacher()
         self.take_over_results()
@@ -403,7 +407,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         record = finished_run(run["out_dir"], run["hash"])  # by another process meanwhile
         if record:
             lock.release()
-            run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"])
+            run.update(state="finished", **record_fields(record))
             print(f"{head} finished by another process, skipped", flush=True)
             return
         left = [self._estimate(r) for r in self.runs[i:]
@@ -421,8 +425,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
             # fmt: skip
         finally:
             lock.release()
-        run.update(state="trained", bbox=record["bbox"], seconds=record["seconds"],
-                   resumed_at_iteration=record.get("resumed_at_iteration"))
+        run.update(state="trained", **record_fields(record))
         self.check_metrics(run)
         print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
             f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip

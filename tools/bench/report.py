@@ -7,7 +7,7 @@ from .runs import finished_run
 
 __all__ = [
     "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_plan", "print_tables",
-    "run_rows", "summary_rows", "write_chart", "write_markdown",
+    "run_rows", "summary_rows", "time_totals", "write_chart", "write_markdown",
 ]  # fmt: skip
 
 METRICS = ("AP", "AP50", "AP75")  # the default metrics of a bench (arms file ``metrics:``)
@@ -72,7 +72,7 @@ def summary_rows(result):
 def _seconds(run):
     """A run's seconds; a resumed run's cover the iterations from its checkpoint on."""
     at = run.get("resumed_at_iteration")
-    return f"{run.get('seconds', '-')}" + (f" (resumed at iteration {at})" if at else "")
+    return fmt(run.get("seconds")) + (f" (resumed at iteration {at})" if at else "")
 
 
 CLAIM_HEADERS = ["claim", "metric", "seeds", "Δ (better - than) [95% CI]", "verdict", "source"]
@@ -96,6 +96,25 @@ def _claims_markdown(result):
              "| " + " | ".join(CLAIM_HEADERS) + " |", "|" + " --- |" * len(CLAIM_HEADERS)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return lines  # fmt: skip
+
+
+def time_totals(result):
+    """One sentence: the wall-clock and CPU time of the finished runs and of the teacher (CPU
+    time where measured; a resumed run's times cover the iterations after its checkpoint)."""
+    runs = [r for r in result["runs"] if r.get("bbox")]
+    wall = sum(r.get("seconds") or 0.0 for r in runs)
+    measured = [r["cpu_seconds"] for r in runs if r.get("cpu_seconds") is not None]
+    text = (f"Time: {len(runs)} finished run(s), {duration(wall)} wall-clock in all; CPU time "
+            f"measured for {len(measured)} of them: {duration(sum(measured))}")  # fmt: skip
+    teacher = result.get("teacher") or {}
+    if teacher.get("seconds"):
+        cpu = teacher.get("cpu_seconds")
+        text += (f"; teacher {duration(teacher['seconds'])} wall-clock"
+                 + (f", {duration(cpu)} CPU" if cpu is not None else ""))  # fmt: skip
+    resumed = sum(1 for r in runs if r.get("resumed_at_iteration"))
+    if resumed:
+        text += f" ({resumed} resumed run(s): their times cover the part after the checkpoint)"
+    return text + "."
 
 
 def write_markdown(result, path):
@@ -136,13 +155,15 @@ def write_markdown(result, path):
     ]
     for arm in result["arms"]:
         lines.append(f"| {arm['name']} | `{arm['config']}` | `{' '.join(arm['opts']) or '-'}` |")
-    run_headers = ["run", "seed", *metrics, "seconds", "state", "config hash"]
+    run_headers = ["run", "seed", *metrics, "seconds", "CPU seconds", "state", "config hash"]
     lines += ["", "| " + " | ".join(run_headers) + " |", "|" + " --- |" * len(run_headers)]
     for run in result["runs"]:
         bbox = run.get("bbox") or {}
         lines.append(f"| {run['arm']} | {run['seed']} | " + " | ".join(
             fmt(bbox.get(k)) for k in metrics) + f" | {_seconds(run)} | "
-            f"{run.get('state') or 'to train'} | {run['hash']} |")  # fmt: skip
+            f"{fmt(run.get('cpu_seconds'))} | {run.get('state') or 'to train'} | "
+            f"{run['hash']} |")  # fmt: skip
+    lines += ["", time_totals(result)]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -196,6 +217,7 @@ def print_tables(result):
     if rows:
         print("\nclaims (paired difference better - than, 95% t-interval):")
         print(tabulate(rows, headers=CLAIM_HEADERS))
+    print(time_totals(result))
     print(f"whole job: {result['job_seconds']:.0f} s")
 
 

@@ -7,7 +7,7 @@ import os
 
 from .arms import BenchError
 from .report import write_chart, write_markdown
-from .runs import finished_run
+from .runs import finished_run, record_fields
 from .stats import arm_stats, claim_verdict, paired_difference
 
 
@@ -48,8 +48,7 @@ class BenchResultsMixin:
             if run["kd"] and found[1] != ours:
                 skipped += 1
                 continue
-            run.update(state="imported", bbox=found[0]["bbox"], seconds=found[0]["seconds"],
-                       resumed_at_iteration=found[0].get("resumed_at_iteration"))
+            run.update(state="imported", **record_fields(found[0]))
             taken += 1
         if earlier:
             print(f"[kd_bench] --results-from: {taken} finished run(s) taken over"
@@ -64,8 +63,7 @@ class BenchResultsMixin:
                 continue
             record = finished_run(run["out_dir"], run["hash"])
             if record:
-                run.update(state="finished", bbox=record["bbox"], seconds=record["seconds"],
-                           resumed_at_iteration=record.get("resumed_at_iteration"))
+                run.update(state="finished", **record_fields(record))
 
     def check_metrics(self, run):
         """A finished run reports every metric of the bench (arms file ``metrics:``), else stop
@@ -115,7 +113,7 @@ class BenchResultsMixin:
     def result(self, seconds):
         data = self.data
         runs = [{k: r.get(k) for k in ("arm", "title", "seed", "config", "opts", "kd", "hash",
-                                       "out_dir", "state", "bbox", "seconds",
+                                       "out_dir", "state", "bbox", "seconds", "cpu_seconds",
                                        "resumed_at_iteration")}
                 for r in self.runs]  # fmt: skip
         classes = data.classes if data else (self.runs[0]["classes"] or [])

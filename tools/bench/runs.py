@@ -13,7 +13,7 @@ import time
 
 __all__ = [
     "ROOT", "config_chain", "config_hash", "default_teacher_cache", "finished_run",
-    "resolve_config", "schedule_opts", "train_run",
+    "record_fields", "resolve_config", "schedule_opts", "train_run",
 ]  # fmt: skip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -134,6 +134,17 @@ def bbox(metrics):
     return out
 
 
+RECORD_FIELDS = ("bbox", "seconds", "cpu_seconds", "resumed_at_iteration")
+
+
+def record_fields(record):
+    """What a run or teacher entry of a bench takes over from a run record (``bench_run.json``
+    or an earlier bench's run): box metrics, seconds, CPU seconds (None: recorded before the
+    bench measured them) and the iteration a resumed run resumed at."""
+    record = record or {}
+    return {k: record.get(k) for k in RECORD_FIELDS}
+
+
 def finished_run(out_dir, expected_hash):
     """The record of a finished run in ``out_dir`` whose config hash is ``expected_hash``, else
     None (not run, interrupted, or run with another config)."""
@@ -158,6 +169,17 @@ def _progress(line, label, max_iter, tty):
         sys.stdout.flush()
 
 
+def _wait_with_cpu_time(proc):
+    """Wait for ``proc``; returns its exit code and the CPU seconds (user + system) it and the
+    children it waited for used, None where ``os.wait4`` does not exist. On a shared machine
+    this, not the wall-clock time, is what a run costs."""
+    if not hasattr(os, "wait4"):
+        return proc.wait(), None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, round(usage.ru_utime + usage.ru_stime, 1)
+
+
 def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, record=None):
     """Train and evaluate one config with ``train_net.py`` in ``out_dir``: emptied first, unless
     an interrupted run of the same command left a checkpoint there, which is resumed
@@ -165,7 +187,7 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
 
     The subprocess's output goes to ``out_dir/log.txt`` (Detectron2's own log, written by
     ``default_setup``) and ``out_dir/stdout.log``. On success ``bench_run.json`` records the
-    config hash, the box metrics and the seconds taken.
+    config hash, the box metrics, the seconds taken and the subprocess's CPU seconds.
 
     Returns:
         dict: the record.
@@ -200,7 +222,7 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
             log.write(line)
             tail = (tail + [line])[-5:]
             _progress(line, label, max_iter, tty)
-        rc = proc.wait()
+        rc, cpu_seconds = _wait_with_cpu_time(proc)
     if tty:
         sys.stdout.write("\r" + " " * 70 + "\r")
     if rc != 0:
@@ -214,6 +236,7 @@ def train_run(python, config_file, out_dir, opts, *, label, run_hash, max_iter, 
         hash=run_hash,
         bbox=bbox(metrics),
         seconds=round(time.perf_counter() - start, 1),
+        cpu_seconds=cpu_seconds,
         train_and_eval_seconds=metrics.get("train_and_eval_seconds"),
     )
     if resumed_at is not None:  # "seconds" then covers the iterations from there on

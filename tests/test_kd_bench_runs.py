@@ -266,6 +266,31 @@ class TestInterruptedRunResumes(unittest.TestCase):
             self.assertNotIn("resumed_at_iteration", record)
 
 
+class TestBenchEta(unittest.TestCase):
+    def test_eta_over_the_processes_training_now(self):
+        from bench.progress import bench_eta
+
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = [{"arm": "a", "hash": f"h{i}", "out_dir": os.path.join(tmp, f"r{i}"),
+                     "state": state, "seconds": seconds}
+                    for i, (state, seconds) in enumerate(
+                        [("finished", 100.0), ("trained", 200.0), (None, None)])]  # fmt: skip
+            current = {"arm": "b", "hash": "hb", "out_dir": os.path.join(tmp, "b"), "state": None}
+            runs.append(current)
+            # Arm b has no finished run: the mean of all (150 s); 2 runs left, one process.
+            self.assertEqual(bench_eta(runs, current), "~2m30s, bench ETA 5m00s")
+            holder = _Holder(runs[2]["out_dir"])  # another process trains run 2
+            try:
+                self.assertEqual(bench_eta(runs, current),
+                                 "~2m30s, bench ETA 2m30s with 2 processes training")
+            finally:
+                holder.stop()
+            _finish(runs[2]["out_dir"], "h2", 1.0)  # finished by the other process meanwhile
+            self.assertEqual(bench_eta(runs, current), "~2m30s, bench ETA 2m30s")
+            self.assertEqual(bench_eta([dict(current)], current),
+                             "run time and bench ETA known after the first run")
+
+
 class TestTimeTotals(unittest.TestCase):
     def test_wall_clock_and_measured_cpu_time_of_finished_runs(self):
         from bench.report import time_totals

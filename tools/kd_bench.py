@@ -55,6 +55,7 @@ from bench import (  # noqa: E402; fmt: skip
 )
 from bench.checks import BenchChecksMixin, _pick  # noqa: E402
 from bench.curves import write_curves  # noqa: E402
+from bench.progress import bench_eta  # noqa: E402
 from bench.report import METRICS, duration, print_plan, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
@@ -337,11 +338,6 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         t["weights_sha256"] = file_sha256(t["weights"])
         print(f"[kd_bench] teacher: weights sha256 {t['weights_sha256']}", flush=True)
 
-    def _estimate(self, run):
-        done = [r["seconds"] for r in self.runs if r.get("seconds") and r["arm"] == run["arm"]]
-        done = done or [r["seconds"] for r in self.runs if r.get("seconds")]
-        return sum(done) / len(done) if done else None
-
     def report_only(self, ran=None):
         """Results of what is finished, training nothing (the teacher's weights are
         fingerprinted when present, for ``--results-from``).
@@ -410,13 +406,8 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
             run.update(state="finished", **record_fields(record))
             print(f"{head} finished by another process, skipped", flush=True)
             return
-        left = [self._estimate(r) for r in self.runs[i:]
-                if r.get("state") not in ("finished", "imported")]  # fmt: skip
-        if None in left:
-            when = "run time and bench ETA known after the first run"
-        else:
-            when = f"~{duration(self._estimate(run))}, bench ETA {duration(sum(left))}"
-        print(f"{head} training ({when}); log {run['out_dir']}/log.txt", flush=True)
+        print(f"{head} training ({bench_eta(self.runs, run)}); log {run['out_dir']}/log.txt",
+              flush=True)  # fmt: skip
         try:
             record = train_run(self.args.python, run["config"], run["out_dir"], run["opts"],
                                label=f"{run['arm']} seed {run['seed']}",

@@ -275,6 +275,9 @@ class TestBenchEta(unittest.TestCase):
                      "state": state, "seconds": seconds}
                     for i, (state, seconds) in enumerate(
                         [("finished", 100.0), ("trained", 200.0), (None, None)])]  # fmt: skip
+            # A resumed run's seconds cover a part of it: not an estimate.
+            runs.append({"arm": "a", "hash": "hr", "out_dir": os.path.join(tmp, "resumed"),
+                         "state": "finished", "seconds": 5.0, "resumed_at_iteration": 960})
             current = {"arm": "b", "hash": "hb", "out_dir": os.path.join(tmp, "b"), "state": None}
             runs.append(current)
             # Arm b has no finished run: the mean of all (150 s); 2 runs left, one process.

@@ -12,9 +12,10 @@ _DONE = ("finished", "imported", "trained")
 
 def run_estimate(runs, run):
     """Mean seconds of the finished runs of ``run``'s arm, else of all finished runs (None
-    before any run finished)."""
-    done = [r["seconds"] for r in runs if r.get("seconds") and r["arm"] == run["arm"]]
-    done = done or [r["seconds"] for r in runs if r.get("seconds")]
+    before any run finished). Resumed runs are left out: their seconds cover a part."""
+    whole = [r for r in runs if r.get("seconds") and not r.get("resumed_at_iteration")]
+    done = [r["seconds"] for r in whole if r["arm"] == run["arm"]]
+    done = done or [r["seconds"] for r in whole]
     return sum(done) / len(done) if done else None
 
 

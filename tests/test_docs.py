@@ -205,9 +205,9 @@ class TestDocs(unittest.TestCase):
                     continue
                 with open(path) as f:
                     source = f.read() + (detectron2_flags if script == "train_net.py" else "")
-                # tools/kd_demo.py takes kd_bench.py's shared flags (kd_bench.add_bench_args).
-                if "kd_bench.add_bench_args" in source:
-                    with open(os.path.join(REPO_ROOT, "tools", "kd_bench.py")) as f:
+                # kd_bench.py and kd_demo.py take the shared flags of tools/bench/cli.py.
+                if "add_bench_args" in source:
+                    with open(os.path.join(REPO_ROOT, "tools", "bench", "cli.py")) as f:
                         source += f.read()
                 wrong += [
                     f"{doc}: {script} {flag}"

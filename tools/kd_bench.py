@@ -27,7 +27,9 @@
 5. Results: ``OUTPUT/bench_results.json`` (every run), ``OUTPUT/bench_results.md`` (per arm mean
    and std of AP / AP50 / AP75 over seeds, paired difference to ``--baseline`` with a 95%
    t-interval), ``OUTPUT/bench_ap.png``; with ``--curves`` the learning curves from every run's
-   checkpoints, ``OUTPUT/bench_curves.{json,md,png}`` (``bench/curves.py``).
+   checkpoints, ``OUTPUT/bench_curves.{json,md,png}`` (``bench/curves.py``). ``--publish DIR``
+   refreshes copies of these files in DIR after every run (``bench/publish.py``): a record of the
+   finished runs that outlives OUTPUT, for ``--results-from DIR/bench_results.json`` later.
 
 ``--train`` / ``--test`` put every model on other data: a registered dataset name, a COCO json
 (with ``--train-images`` / ``--test-images``) or a VOC folder (with ``--train-split`` /
@@ -54,8 +56,16 @@ from bench import (  # noqa: E402; fmt: skip
     train_run,
 )
 from bench.checks import BenchChecksMixin, _pick  # noqa: E402
+from bench.cli import add_bench_args  # noqa: E402
 from bench.curves import write_curves  # noqa: E402
 from bench.progress import bench_eta  # noqa: E402
+from bench.publish import (  # noqa: E402; fmt: skip
+    CURVE_FILES,
+    RESULT_FILES,
+    check_publish_target,
+    publish,
+    publish_lock,
+)
 from bench.report import METRICS, duration, print_plan, print_tables  # noqa: E402
 from bench.results import BenchResultsMixin  # noqa: E402
 from bench.run_lock import RunLock  # noqa: E402
@@ -65,58 +75,6 @@ from bench.runs import (  # noqa: E402; fmt: skip
     finished_run,
     record_fields,
 )
-
-
-def add_bench_args(parser):
-    """Flags shared by kd_bench.py and kd_demo.py (defaults None: from the arms file)."""
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of every arm")
-    parser.add_argument("--output", default=None, help="output folder")
-    parser.add_argument("--teacher-config", default=None)
-    parser.add_argument("--teacher-iters", type=int, default=None)
-    parser.add_argument(
-        "--teacher-opts", nargs="*", default=None, metavar="KEY VALUE",
-        help="config overrides of the teacher (part of its cache key, passed to KD runs)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-weights", default=None,
-        help="an already trained teacher checkpoint for --teacher-config: nothing is trained "
-        "for the teacher and its class count is checked against the data",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-cache", default=None,
-        help="folder of cached teacher runs (default $KD_DETR_DATA/teachers or "
-        "~/.cache/kd_detr/teachers); 'none' trains the teacher in OUTPUT/teacher",
-    )  # fmt: skip
-    group = parser.add_argument_group("dataset switch (all runs, teacher included)")
-    group.add_argument("--train", default=None, help="registered name, COCO json or VOC folder")
-    group.add_argument("--test", default=None, help="registered name, COCO json or VOC folder")
-    group.add_argument("--train-images", default=None, help="image folder of a --train json")
-    group.add_argument("--test-images", default=None, help="image folder of a --test json")
-    group.add_argument("--train-split", default=None, help="VOC split of --train (trainval)")
-    group.add_argument("--test-split", default=None, help="VOC split of --test (test)")
-    group.add_argument("--classes", default=None, help="VOC class names, 'A;B;C' (class-id order)")
-    parser.add_argument(
-        "--results-from", nargs="+", default=[], metavar="BENCH_RESULTS_JSON",
-        help="bench_results.json files of earlier benches (e.g. committed under docs/): their "
-        "finished runs with the same config hash (and, for KD runs, the same teacher weights, "
-        "by sha256) are taken over instead of trained again",
-    )  # fmt: skip
-    parser.add_argument("--python", default=sys.executable, help="interpreter for train_net.py")
-    parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
-    parser.add_argument(
-        "--report-only", action="store_true",
-        help="train nothing: write the results of the runs finished so far (in OUTPUT and in "
-        "--results-from files), e.g. while other bench processes still run",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-only", action="store_true",
-        help="train (or find in the cache) the teacher, print its AP and stop",
-    )  # fmt: skip
-    parser.add_argument(
-        "--curves", action="store_true",
-        help="also evaluate every checkpoint of the finished runs (cached in each run folder) "
-        "and write learning curves: OUTPUT/bench_curves.{json,md,png}",
-    )  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -148,6 +106,7 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
 
     def __init__(self, spec: BenchSpec, args, arms_file="(arms)"):
         self.args, self.arms_file, self.spec = args, arms_file, spec
+        self.after_run = None  # called with the result after every run this process trains
         self.arms = spec.arms
         if getattr(args, "arms", None):
             unknown = sorted(set(args.arms) - {a.name for a in spec.arms})
@@ -421,6 +380,8 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
             f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
         self.write_results(time.perf_counter() - start, charts=False)
+        if self.after_run is not None:
+            self.after_run(self.result(time.perf_counter() - start))
 
     def print_plan(self):
         """The plan on the console: arms, seeds, data, teacher and every run's state."""
@@ -445,12 +406,29 @@ def whole_bench(spec, args, arms_file="(arms)") -> Bench:
     return Bench(spec, whole, arms_file)
 
 
+def report(bench, spec, args, arms_file, ran):
+    """The results of the whole bench as far as it is finished, after ``bench`` (all of it or a
+    part, ``--arms`` / ``--seeds``) ran: the result files in OUTPUT, the learning curves with
+    ``--curves``, their copies in ``--publish`` DIR. Returns (result dict, file names)."""
+    whole = whole_bench(spec, args, arms_file) if is_part(spec, args) else bench
+    names = list(RESULT_FILES)
+    with publish_lock(getattr(args, "publish", None)):  # processes sharing DIR take turns
+        result = whole.report_only(ran=ran)
+        if getattr(args, "curves", False):
+            write_curves(result, whole.output, args.python, args.results_from)
+            names += CURVE_FILES
+        if getattr(args, "publish", None):
+            publish(whole.output, args.publish, result, names)
+    return result, names
+
+
 def run_bench(spec, args, arms_file="(arms)"):
     """Check, run and report a bench; returns the result dict (None for --dry-run)."""
     import kd_detr  # noqa: F401  (first: registers everything, quiets fvcore's import warning)
 
     bench = Bench(spec, args, arms_file)
     bench.print_plan()
+    check_publish_target(getattr(args, "publish", None), bench.output, args.results_from)
     if args.dry_run:
         return None
     if getattr(args, "teacher_only", False):
@@ -460,16 +438,13 @@ def run_bench(spec, args, arms_file="(arms)"):
             print("[kd_bench] teacher: " + ", ".join(f"{k} {bbox[k]:.1f}" for k in METRICS))
         return None
     if getattr(args, "report_only", False):
-        result = bench.report_only()
+        ran = None
     else:
-        result = bench.run_all()
-        if is_part(spec, args):  # report all of the bench that is finished, not only the part
-            result = whole_bench(spec, args, arms_file).report_only(ran=result)
+        if getattr(args, "publish", None):  # refreshed after every run this process trains
+            bench.after_run = lambda ran: report(bench, spec, args, arms_file, ran)
+        ran = bench.run_all()
+    result, names = report(bench, spec, args, arms_file, ran)
     print_tables(result)
-    names = ["bench_results.json", "bench_results.md", "bench_ap.png"]
-    if getattr(args, "curves", False):
-        write_curves(result, bench.output, args.python, args.results_from)
-        names += ["bench_curves.json", "bench_curves.md", "bench_curves.png"]
     for name in names:
         print(f"wrote {os.path.join(bench.output, name)}")
     return result

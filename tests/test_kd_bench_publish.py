@@ -24,7 +24,8 @@ from bench.publish import publish, publish_lock  # noqa: E402
 
 def _runs(path):
     with open(path) as f:
-        return {r["seed"]: (r["state"], r["bbox"] and r["bbox"]["AP"]) for r in json.load(f)["runs"]}
+        runs = json.load(f)["runs"]
+    return {r["seed"]: (r["state"], r["bbox"] and r["bbox"]["AP"]) for r in runs}
 
 
 class TestPublish(unittest.TestCase):
@@ -32,8 +33,8 @@ class TestPublish(unittest.TestCase):
         tmp = tempfile.TemporaryDirectory(prefix="kd_bench_publish_")
         self.addCleanup(tmp.cleanup)
         self.tmp = tmp.name
-        self.arms = _write(os.path.join(self.tmp, "arms.yaml"),
-                           f"iters: 2\nseeds: [0, 1]\narms:\n  - {{name: no_kd, config: {STUDENT}}}\n")
+        arms = f"iters: 2\nseeds: [0, 1]\narms:\n  - {{name: no_kd, config: {STUDENT}}}\n"
+        self.arms = _write(os.path.join(self.tmp, "arms.yaml"), arms)
         self.out = os.path.join(self.tmp, "out")
         self.record = os.path.join(self.tmp, "docs", "ablation")
         self.trained = []
@@ -108,8 +109,8 @@ class TestPublish(unittest.TestCase):
         with open(path) as f:
             self.assertEqual(json.load(f), recorded)  # kept as it was
         # The same teacher and every recorded run still finished: refreshed.
-        same = {"teacher": {"weights_sha256": "aaa"},
-                "runs": [run(0, "h0", False, 5.0), run(0, "k0", True, 7.0), run(1, "h1", False, 6.0)]}
+        same = {"teacher": {"weights_sha256": "aaa"}, "runs": [
+            run(0, "h0", False, 5.0), run(0, "k0", True, 7.0), run(1, "h1", False, 6.0)]}
         with contextlib.redirect_stdout(console):
             self.assertTrue(publish(out, self.record, same))
         with open(path) as f:

@@ -19,7 +19,7 @@ from .test_kd_bench_runs import STUDENT, _finish, _write
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import kd_bench  # noqa: E402
 from bench import BenchError, load_arms  # noqa: E402
-from bench.publish import publish, publish_lock  # noqa: E402
+from bench.publish import RESULT_FILES, publish, publish_lock  # noqa: E402
 
 
 def _runs(path):
@@ -64,8 +64,7 @@ class TestPublish(unittest.TestCase):
         self.assertEqual(self.seen_in_record, [None, {0: ("trained", 50.0), 1: (None, None)}])
         self.assertEqual(_runs(os.path.join(self.record, "bench_results.json")),
                          {0: ("trained", 50.0), 1: ("trained", 60.0)})  # fmt: skip
-        for name in ("bench_results.md", "bench_ap.png"):
-            self.assertTrue(os.path.isfile(os.path.join(self.record, name)), name)
+        self.assertEqual(sorted(os.listdir(self.record)), sorted(RESULT_FILES))  # nothing else
         self.assertIn(f"published bench_results.json, bench_results.md, bench_ap.png to "
                       f"{self.record}", console)  # fmt: skip
         # OUTPUT lost: the same command with the record as --results-from trains nothing.

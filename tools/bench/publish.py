@@ -10,13 +10,16 @@ DIR/bench_results.json``.
 Nothing recorded is lost: an existing ``DIR/bench_results.json`` is refreshed only when it is one
 of the bench's ``--results-from`` files (checked before anything trains), and a refresh that would
 drop a finished run of the file there (one this process does not know of) is refused with a
-warning. Processes sharing a bench take turns (an exclusive lock on ``DIR/.publish.lock``), so
-each refresh holds every run finished when it was made.
+warning. Processes publishing into one DIR take turns (an exclusive lock on a file in the
+temporary folder named after DIR's path, so nothing is added to DIR), so each refresh holds every
+run finished when it was made.
 """
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+import tempfile
 
 from .arms import BenchError
 
@@ -61,8 +64,9 @@ def publish_lock(target):
     if not target or fcntl is None:
         yield
         return
-    os.makedirs(target, exist_ok=True)
-    fd = os.open(os.path.join(target, ".publish.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    key = hashlib.sha1(os.path.realpath(target).encode()).hexdigest()[:16]
+    path = os.path.join(tempfile.gettempdir(), f"kd_bench_publish-{key}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

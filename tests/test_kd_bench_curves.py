@@ -144,13 +144,15 @@ class WriteCurvesTest(unittest.TestCase):
             for seed in SEEDS:
                 out_dirs[(arm, seed)] = os.path.join(self.tmp, f"{arm}_seed{seed}")
                 _checkpoint_cache(out_dirs[(arm, seed)], arm, seed)
-        # b seed 2: no folder, its curve in a committed bench_curves.json beside --results-from.
+        # b seed 2: no folder, its curve and loss share in a committed bench_curves.json beside
+        # --results-from.
         out_dirs[("b", 2)] = os.path.join(self.tmp, "gone")
         committed = os.path.join(self.tmp, "docs")
         os.makedirs(committed)
+        committed_share = {"detection": 1.0, "kd": 1.0, "share": 0.5}
         with open(os.path.join(committed, "bench_curves.json"), "w") as f:
-            json.dump({"runs": [{"arm": "b", "seed": 2, "hash": "hb", "curve": _curve("b", 2)}]},
-                      f)  # fmt: skip
+            json.dump({"runs": [{"arm": "b", "seed": 2, "hash": "hb", "curve": _curve("b", 2),
+                                 "loss_share": committed_share}]}, f)  # fmt: skip
         _metrics_json(out_dirs[("b", 0)], kd_scale=2.0)
         # a seed 2: no folder and no committed curve: left out with a warning.
         out_dirs[("a", 2)] = None
@@ -170,12 +172,19 @@ class WriteCurvesTest(unittest.TestCase):
         with open(os.path.join(output, "bench_curves.json")) as f:
             written = json.load(f)
         self.assertEqual(len(written["runs"]), 5)
+        shares = {(r["arm"], r["seed"]): r["loss_share"] for r in written["runs"]}
+        self.assertEqual(shares[("b", 2)], committed_share)  # kept for the next session
+        self.assertAlmostEqual(shares[("b", 0)]["share"], 2.0 / (2.0 + 5.0 / 3.0))
+        self.assertIsNone(shares[("a", 0)])
         with open(os.path.join(output, "bench_curves.md")) as f:
             markdown = f.read()
         self.assertIn(f"| 6 | {np.mean([_ap('a', s, 6) for s in (0, 1)]):.1f} (2) |", markdown)
         self.assertIn("| b > a | 2 |", markdown)
         # Run of ITERS = 6 iterations: every line of the 120-iteration log is in its last fifth.
-        self.assertIn("| b | 1 | 1.667 | 2.000 | 55% |", markdown)  # arm a: no metrics.json
+        # b: seed 0 from its metrics.json, seed 2 the committed share; a: no metrics.json.
+        b_share = (2.0 / (2.0 + 5.0 / 3.0) + 0.5) / 2
+        self.assertIn(f"| b | 2 | 1.333 | 1.500 | {100 * b_share:.0f}% |", markdown)
+        self.assertNotIn("| a | ", markdown.split("KD share")[1].split("\n\n")[0])
         with open(os.path.join(output, "bench_curves.png"), "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 

@@ -69,8 +69,9 @@ def _read_run_curve(run):
 
 
 def _earlier_curves(results_from):
-    """Curves of runs in the ``bench_curves.json`` beside each ``--results-from`` file, by
-    (arm, seed, hash): a run taken over from a committed record keeps its committed curve."""
+    """Run records (curve, loss share) in the ``bench_curves.json`` beside each
+    ``--results-from`` file, by (arm, seed, hash): a run taken over from a committed record keeps
+    its committed curve and loss share."""
     found = {}
     for path in results_from or []:
         try:
@@ -79,7 +80,7 @@ def _earlier_curves(results_from):
         except (OSError, ValueError):
             continue
         for run in content.get("runs", []):
-            found[(run["arm"], run["seed"], run["hash"])] = run["curve"]
+            found[(run["arm"], run["seed"], run["hash"])] = run
     return found
 
 
@@ -242,34 +243,37 @@ def write_curves_chart(result, summary, path):
     plt.close(fig)
 
 
-def _loss_shares(result, runs):
-    """Per arm with a ``metrics.json`` in its run folders: the means over seeds of
-    :func:`~bench.loss_share.kd_loss_share`."""
+def _loss_shares(result, shares):
+    """Per arm with runs in ``shares`` ((arm, seed) -> :func:`~bench.loss_share.kd_loss_share`):
+    the means over its seeds."""
     per_arm = {}
-    for run in runs:
-        share = kd_loss_share(run.get("out_dir"), result["iters"])
-        if share is not None:
-            per_arm.setdefault(run["arm"], []).append(share)
+    for (arm, _), share in shares.items():
+        per_arm.setdefault(arm, []).append(share)
     out = []
     for arm in result["arms"]:
-        shares = per_arm.get(arm["name"])
-        if shares:
-            out.append({"name": arm["name"], "n": len(shares), **{
-                k: sum(s[k] for s in shares) / len(shares) for k in ("detection", "kd", "share")}})
+        found = per_arm.get(arm["name"])
+        if found:
+            out.append({"name": arm["name"], "n": len(found), **{
+                k: sum(s[k] for s in found) / len(found) for k in ("detection", "kd", "share")}})
     return out
 
 
 def write_curves(result, output, python, results_from=(), metric="AP"):
     """Evaluate the checkpoints of every finished run of ``result`` (cached), then write
     ``bench_curves.json``, ``bench_curves.md`` and ``bench_curves.png`` into ``output``.
-    Runs without a folder or checkpoints keep a committed curve (``bench_curves.json`` beside a
-    ``--results-from`` file) or are left out, with a warning naming them. Returns the summary."""
+    Runs without a folder or checkpoints keep a committed curve and loss share
+    (``bench_curves.json`` beside a ``--results-from`` file) or are left out, with a warning
+    naming them. Returns the summary."""
     earlier = _earlier_curves(results_from)
     finished = [r for r in result["runs"] if r.get("bbox")]
-    run_curves, records, missing = {}, [], []
+    run_curves, shares, records, missing = {}, {}, [], []
     for i, run in enumerate(finished):
         state = evaluate_run_checkpoints(run, python)
-        curve = _read_run_curve(run) or earlier.get((run["arm"], run["seed"], run["hash"]))
+        before = earlier.get((run["arm"], run["seed"], run["hash"])) or {}
+        curve = _read_run_curve(run) or before.get("curve")
+        share = kd_loss_share(run.get("out_dir"), result["iters"]) or before.get("loss_share")
+        if share is not None:
+            shares[(run["arm"], run["seed"])] = share
         print(f"[kd_bench] curves {i + 1}/{len(finished)} {run['arm']} seed {run['seed']}: "
               f"{state}" + ("" if curve else ", no curve"), flush=True)  # fmt: skip
         if curve is None:
@@ -277,12 +281,12 @@ def write_curves(result, output, python, results_from=(), metric="AP"):
             continue
         run_curves[(run["arm"], run["seed"])] = curve
         records.append({"arm": run["arm"], "seed": run["seed"], "hash": run["hash"],
-                        "curve": curve})  # fmt: skip
+                        "curve": curve, "loss_share": share})  # fmt: skip
     if missing:
         print(f"[kd_bench] warning: {len(missing)} finished run(s) without a curve, left out: "
               + ", ".join(missing), flush=True)  # fmt: skip
     summary = curve_summary(result, run_curves, metric)
-    summary["loss_share"] = _loss_shares(result, finished)
+    summary["loss_share"] = _loss_shares(result, shares)
     with open(os.path.join(output, "bench_curves.json.tmp"), "w") as f:
         json.dump({"arms_file": result["arms_file"], "iters": result["iters"], "runs": records,
                    "summary": summary}, f, indent=1)  # fmt: skip

@@ -379,8 +379,9 @@ class Bench(BenchChecksMixin, BenchResultsMixin):
         self.check_metrics(run)
         print(f"{head} done in {duration(record['seconds'])}, " + ", ".join(
             f"{k} {record['bbox'][k]:.1f}" for k in self.metrics), flush=True)  # fmt: skip
-        self.write_results(time.perf_counter() - start, charts=False)
-        if self.after_run is not None:
+        if self.after_run is None:
+            self.write_results(time.perf_counter() - start, charts=False)
+        else:  # it writes the result files itself (and publishes them)
             self.after_run(self.result(time.perf_counter() - start))
 
     def print_plan(self):

@@ -20,13 +20,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 from .arms import BenchError
-
-try:
-    import fcntl
-except ImportError:  # pragma: no cover (Windows)
-    fcntl = None
+from .run_lock import RunLock
 
 __all__ = ["RESULT_FILES", "CURVE_FILES", "check_publish_target", "publish", "publish_lock"]
 
@@ -59,19 +56,21 @@ def check_publish_target(target, output, results_from=()):
 
 
 @contextlib.contextmanager
-def publish_lock(target):
-    """Exclusive turn of this process on ``target`` (a no-op without ``target`` or ``fcntl``)."""
-    if not target or fcntl is None:
+def publish_lock(target, poll_seconds=0.2):
+    """Exclusive turn of this process on ``target``: the claim of :class:`~bench.run_lock.RunLock`
+    on a file of the temporary folder named after ``target``'s path, waited for while another
+    process holds it (a no-op without ``target``, or where claims are unsupported)."""
+    if not target:
         yield
         return
     key = hashlib.sha1(os.path.realpath(target).encode()).hexdigest()[:16]
-    path = os.path.join(tempfile.gettempdir(), f"kd_bench_publish-{key}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = RunLock(os.path.join(tempfile.gettempdir(), f"kd_bench_publish-{key}"))
+    while lock.acquire() is not None:
+        time.sleep(poll_seconds)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)  # drops the lock
+        lock.release()
 
 
 def _finished_keys(result):

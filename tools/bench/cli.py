@@ -4,6 +4,16 @@ import sys
 
 __all__ = ["add_bench_args"]
 
+# On/off flags: (flag, help).
+_SWITCHES = (
+    ("--dry-run", "check and print the plan only"),
+    ("--report-only", "train nothing: write the results of the runs finished so far (in OUTPUT "
+     "and in --results-from files), e.g. while other bench processes still run"),
+    ("--teacher-only", "train (or find in the cache) the teacher, print its AP and stop"),
+    ("--curves", "also evaluate every checkpoint of the finished runs (cached in each run "
+     "folder) and write learning curves: OUTPUT/bench_curves.{json,md,png}"),
+)
+
 
 def add_bench_args(parser):
     """Flags shared by kd_bench.py and kd_demo.py (defaults None: from the arms file)."""
@@ -40,21 +50,8 @@ def add_bench_args(parser):
         "by sha256) are taken over instead of trained again",
     )  # fmt: skip
     parser.add_argument("--python", default=sys.executable, help="interpreter for train_net.py")
-    parser.add_argument("--dry-run", action="store_true", help="check and print the plan only")
-    parser.add_argument(
-        "--report-only", action="store_true",
-        help="train nothing: write the results of the runs finished so far (in OUTPUT and in "
-        "--results-from files), e.g. while other bench processes still run",
-    )  # fmt: skip
-    parser.add_argument(
-        "--teacher-only", action="store_true",
-        help="train (or find in the cache) the teacher, print its AP and stop",
-    )  # fmt: skip
-    parser.add_argument(
-        "--curves", action="store_true",
-        help="also evaluate every checkpoint of the finished runs (cached in each run folder) "
-        "and write learning curves: OUTPUT/bench_curves.{json,md,png}",
-    )  # fmt: skip
+    for flag, text in _SWITCHES:
+        parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument(
         "--publish", default=None, metavar="DIR",
         help="after every finished run, copy the result files (and the curves with --curves) "

@@ -91,10 +91,45 @@ class TestClaims(unittest.TestCase):
         self.assertEqual([(c["better"], c["than"]) for c in part.result(0.0)["summary"]["claims"]],
                          [("kd", "no_kd")])  # fmt: skip
 
+    def test_group_claims_compare_each_seeds_mean_over_the_group(self):
+        """A side listing several arms is compared through each seed's mean over its arms, over
+        the seeds every arm of both sides has; checked against scipy's paired t-interval."""
+        import numpy as np
+        from scipy import stats
+
+        path = self._arms("  - {better: [kd, kd_soft], than: no_kd, source: 'grouped'}\n")
+        spec = load_arms(path)
+        self.assertEqual((spec.claims[0].better, spec.claims[0].than), (["kd", "kd_soft"], "no_kd"))
+        bench = self._bench(path)
+        values = {"no_kd": [40.0, 42.0, 41.0, 0], "kd": [45.0, 46.5, 44.8, 0],
+                  "kd_soft": [44.0, 50.0, 40.0, 0]}  # fmt: skip
+        for run in bench.runs:
+            if run["arm"] == "kd" and run["seed"] == 2:
+                continue  # seed 2 lacks an arm of the group: left out of the claim
+            ap = values[run["arm"]][run["seed"]]
+            run.update(state="finished", seconds=1.0, bbox={"AP": ap, "AP75": ap})
+        claim = bench.result(0.0)["summary"]["claims"][0]
+        group = np.array([(45.0 + 44.0) / 2, (46.5 + 50.0) / 2])
+        base = np.array([40.0, 42.0])
+        self.assertEqual(claim["diff"]["seeds"], [0, 1])
+        self.assertAlmostEqual(claim["diff"]["mean"], (group - base).mean(), places=12)
+        low, high = stats.t.interval(0.95, 1, loc=(group - base).mean(),
+                                     scale=stats.sem(group - base))  # fmt: skip
+        self.assertAlmostEqual(claim["diff"]["low"], low, places=9)
+        self.assertAlmostEqual(claim["diff"]["high"], high, places=9)
+        md = os.path.join(self.tmp, "group.md")
+        write_markdown(bench.result(0.0), md)
+        with open(md) as f:
+            self.assertIn("| mean(kd, kd_soft) > no_kd | AP | 2 | +5.4 [", f.read())
+
     def test_bad_claims_are_named(self):
         cases = [
             ("  - {better: kd, than: nope}\n", "claim #1: 'than' must name an arm"),
-            ("  - {better: kd, than: kd}\n", "claim #1: 'better' and 'than' are the same arm"),
+            ("  - {better: kd, than: kd}\n", "claim #1: 'better' and 'than' share the arm(s)"),
+            ("  - {better: [kd, kd_soft], than: [kd, no_kd]}\n", "share the arm(s) ['kd']"),
+            ("  - {better: [kd, nope], than: no_kd}\n", "'better' names arms not in the file"),
+            ("  - {better: [kd], than: no_kd}\n", "or list two or more different ones"),
+            ("  - {better: [kd, kd], than: no_kd}\n", "or list two or more different ones"),
             ("  - {better: kd, than: no_kd, by: 2}\n", "claim #1: unknown key(s) ['by']"),
             ("  - kd > no_kd\n", "claim #1 must be a mapping"),
         ]
@@ -139,6 +174,9 @@ class TestClaims(unittest.TestCase):
         spec = load_arms(os.path.join(REPO_ROOT, "configs", "bench", "kd_detr_ablation.yaml"))
         self.assertGreaterEqual(len(spec.claims), 10)
         self.assertIn(("kd_detr", "no_kd"), [(c.better, c.than) for c in spec.claims])
+        consistent = ["general_only", "specific_only", "no_fg_weights", "kd_detr"]
+        self.assertIn((consistent, ["inconsistent", "similar_fg", "similar_general"]),
+                      [(c.better, c.than) for c in spec.claims])  # fmt: skip
 
 
 if __name__ == "__main__":

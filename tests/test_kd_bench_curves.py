@@ -90,6 +90,20 @@ class CurveSummaryTest(unittest.TestCase):
         self.assertEqual(claim["verdict"], "agrees" if stats.ttest_rel(
             expected, expected - gain).pvalue < 0.05 else "unresolved, same sign")  # fmt: skip
 
+    def test_group_claim_on_late_values(self):
+        """A claim whose side lists arms compares each seed's mean over them (late values)."""
+        curves = {(arm, s): _curve(arm, s) for arm in ("a", "b") for s in SEEDS}
+        curves.update({("c", s): [{"iteration": 6, "AP": 10.0 + s}] for s in (0, 1)})
+        result = _result({})
+        result["arms"].append({"name": "c"})
+        result["summary"]["claims"] = [{"better": ["b", "c"], "than": "a"}]
+        claim = curve_summary(result, curves)["claims"][0]
+        group = np.array([(_ap("b", s, 6) + 10.0 + s) / 2 for s in (0, 1)])  # c lacks seed 2
+        base = np.array([_ap("a", s, 6) for s in (0, 1)])
+        self.assertEqual(claim["diff"]["seeds"], [0, 1])
+        self.assertAlmostEqual(claim["diff"]["mean"], (group - base).mean(), places=12)
+        self.assertEqual(claim["better"], ["b", "c"])
+
     def test_late_value_averages_the_last_third(self):
         curve = [{"iteration": it, "AP": float(it)} for it in (100, 200, 300, 400, 500, 600)]
         result = _result({})

@@ -22,6 +22,8 @@ defaults next to it (every default can be overridden on the command line)::
     claims:                      # optional: orderings to check, e.g. a paper's
       - {better: kd_detr, than: no_kd, source: "paper, Table 1"}   # metric: AP (default the
                                                                    # first of 'metrics')
+      - {better: [kd_detr, general_only], than: [inconsistent, similar_fg]}  # groups: each
+                                                   # seed's mean over the group's arms
     arms:
       - name: no_kd
         config: configs/bccd/dab_detr_efflite0_bccd.yaml
@@ -38,10 +40,11 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Union
 
 __all__ = [
-    "Arm", "BenchError", "BenchSpec", "Claim", "flat_opts", "load_arms", "parse_with_overrides",
+    "Arm", "BenchError", "BenchSpec", "Claim", "claim_side_arms", "claim_side_label", "flat_opts",
+    "load_arms", "parse_with_overrides",
 ]  # fmt: skip
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -74,12 +77,23 @@ class Arm:
 @dataclass
 class Claim:
     """An ordering the bench checks: arm ``better`` above arm ``than`` in ``metric`` (None: the
-    bench's first metric), with where the claim comes from."""
+    bench's first metric), with where the claim comes from. A side may be a list of arms: a
+    group, compared through each seed's mean over its arms."""
 
-    better: str
-    than: str
+    better: Union[str, List[str]]
+    than: Union[str, List[str]]
     source: str = ""
     metric: Optional[str] = None
+
+
+def claim_side_arms(side):
+    """The arm names of one side of a claim (an arm name or a list of them)."""
+    return [side] if isinstance(side, str) else list(side)
+
+
+def claim_side_label(side):
+    """How a claim's side reads in tables: the arm, or ``mean(a, b, ...)`` for a group."""
+    return side if isinstance(side, str) else f"mean({', '.join(side)})"
 
 
 @dataclass
@@ -145,8 +159,21 @@ def _parse_arm(entry, index, source):
     return Arm(name, config, opts, str(entry.get("label", "")), init_from_teacher=init)
 
 
+def _claim_side(value, key, names, where):
+    """One side of a claim: an arm name, or a list of two or more arm names (a group)."""
+    if isinstance(value, list) and len(value) >= 2 and len(set(map(str, value))) == len(value):
+        unknown = [v for v in value if v not in names]
+        if not unknown:
+            return [str(v) for v in value]
+        raise BenchError(f"{where}: '{key}' names arms not in the file: {unknown} (arms: {names})")
+    if isinstance(value, str) and value in names:
+        return value
+    raise BenchError(f"{where}: '{key}' must name an arm of the file {names}, or list two or "
+                     f"more different ones (a group: each seed's mean), got {value!r}")
+
+
 def _parse_claims(entries, names, source):
-    """The ``claims:`` list: each names two arms of the file."""
+    """The ``claims:`` list: each names two arms of the file, or two disjoint groups of them."""
     if not isinstance(entries, list):
         raise BenchError(f"{source}: 'claims' must be a list of {{better, than, source}} entries")
     claims = []
@@ -155,14 +182,12 @@ def _parse_claims(entries, names, source):
         if not isinstance(entry, dict):
             raise BenchError(f"{where} must be a mapping with 'better' and 'than', got {entry!r}")
         _check_keys(entry, _CLAIM_KEYS, where)
-        for key in ("better", "than"):
-            if entry.get(key) not in names:
-                raise BenchError(f"{where}: '{key}' must name an arm of the file {names}, got "
-                                 f"{entry.get(key)!r}")  # fmt: skip
-        if entry["better"] == entry["than"]:
-            raise BenchError(f"{where}: 'better' and 'than' are the same arm {entry['better']!r}")
+        better, than = (_claim_side(entry.get(k), k, names, where) for k in ("better", "than"))
+        overlap = set(claim_side_arms(better)) & set(claim_side_arms(than))
+        if overlap:
+            raise BenchError(f"{where}: 'better' and 'than' share the arm(s) {sorted(overlap)}")
         metric = entry.get("metric")
-        claims.append(Claim(entry["better"], entry["than"], str(entry.get("source", "")),
+        claims.append(Claim(better, than, str(entry.get("source", "")),
                             None if metric is None else str(metric)))  # fmt: skip
     return claims
 

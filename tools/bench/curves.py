@@ -10,10 +10,11 @@ import math
 import os
 import subprocess
 
+from .arms import claim_side_arms
 from .loss_share import kd_loss_share
-from .report import fmt
+from .report import claim_label, fmt
 from .runs import ROOT
-from .stats import arm_stats, claim_verdict, paired_difference
+from .stats import arm_stats, claim_verdict, group_by_seed, paired_difference
 
 __all__ = ["LATE_FRACTION", "curve_summary", "evaluate_run_checkpoints", "write_curves"]
 
@@ -131,7 +132,9 @@ def curve_summary(result, run_curves, metric="AP"):
         late_arms.append(entry)
     claims = []
     for claim in result["summary"].get("claims", []):
-        diff = paired_difference(late.get(claim["better"], {}), late.get(claim["than"], {}))
+        better, than = (group_by_seed([late.get(a, {}) for a in claim_side_arms(claim[side])])
+                        for side in ("better", "than"))  # fmt: skip
+        diff = paired_difference(better, than)
         claims.append({"better": claim["better"], "than": claim["than"], "diff": diff,
                        "verdict": claim_verdict(diff)})  # fmt: skip
     return {"metric": metric, "baseline": baseline, "late_after": (1 - LATE_FRACTION)
@@ -194,7 +197,7 @@ def curves_markdown(result, summary):
                   _row(["claim", "seeds", "Δ (better - than) [95% CI]", "verdict"]),
                   "| --- | --- | --- | --- |"]  # fmt: skip
         for c in summary["claims"]:
-            lines.append(_row([f"{c['better']} > {c['than']}", c["diff"]["n"],
+            lines.append(_row([claim_label(c), c["diff"]["n"],
                                _diff_text(c["diff"]), c["verdict"]]))  # fmt: skip
     return "\n".join(lines) + "\n"
 

@@ -2,12 +2,13 @@
 """Reports of a bench: the console tables, ``bench_results.md`` and ``bench_ap.png``."""
 import math
 
+from .arms import claim_side_label
 from .run_lock import RunLock
 from .runs import finished_run
 
 __all__ = [
-    "METRICS", "claim_rows", "duration", "fmt", "metrics_of", "print_plan", "print_tables",
-    "run_rows", "summary_rows", "time_totals", "write_chart", "write_markdown",
+    "METRICS", "claim_label", "claim_rows", "duration", "fmt", "metrics_of", "print_plan",
+    "print_tables", "run_rows", "summary_rows", "time_totals", "write_chart", "write_markdown",
 ]  # fmt: skip
 
 METRICS = ("AP", "AP50", "AP75")  # the default metrics of a bench (arms file ``metrics:``)
@@ -78,10 +79,15 @@ def _seconds(run):
 CLAIM_HEADERS = ["claim", "metric", "seeds", "Δ (better - than) [95% CI]", "verdict", "source"]
 
 
+def claim_label(claim):
+    """``better > than`` of a claim's result entry (a group side: ``mean(a, b, ...)``)."""
+    return f"{claim_side_label(claim['better'])} > {claim_side_label(claim['than'])}"
+
+
 def claim_rows(result):
     """Rows of the claims table: each ordering of the arms file, its paired difference and
     verdict (results written before claims existed: none)."""
-    return [[f"{c['better']} > {c['than']}", c["metric"], c["diff"]["n"], _diff(c["diff"]),
+    return [[claim_label(c), c["metric"], c["diff"]["n"], _diff(c["diff"]),
              c["verdict"], c["source"] or "-"]
             for c in result["summary"].get("claims", [])]  # fmt: skip
 

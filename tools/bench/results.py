@@ -5,10 +5,10 @@ A mixin of ``Bench`` in ``tools/kd_bench.py`` (which owns ``runs``, ``arms``, ``
 import json
 import os
 
-from .arms import BenchError
+from .arms import BenchError, claim_side_arms
 from .report import write_chart, write_markdown
 from .runs import finished_run, record_fields
-from .stats import arm_stats, claim_verdict, paired_difference
+from .stats import arm_stats, claim_verdict, group_by_seed, paired_difference
 
 
 def _by_seed(values, metric):
@@ -101,11 +101,13 @@ class BenchResultsMixin:
         names = {arm.name for arm in self.arms}
         out = []
         for claim in self.spec.claims:
-            if claim.better not in names or claim.than not in names:
+            sides = [claim_side_arms(claim.better), claim_side_arms(claim.than)]
+            if not names.issuperset(sides[0] + sides[1]):
                 continue  # a part of the bench (--arms) without one of them
             metric = claim.metric or self.metrics[0]
-            diff = paired_difference(_by_seed(per_arm.get(claim.better, {}), metric),
-                                     _by_seed(per_arm.get(claim.than, {}), metric))  # fmt: skip
+            better, than = (group_by_seed([_by_seed(per_arm.get(a, {}), metric) for a in side])
+                            for side in sides)  # fmt: skip
+            diff = paired_difference(better, than)
             out.append({"better": claim.better, "than": claim.than, "source": claim.source,
                         "metric": metric, "diff": diff, "verdict": claim_verdict(diff)})
         return out

@@ -2,7 +2,7 @@
 """Statistics of a bench: mean and spread over seeds, paired differences with t-intervals."""
 import math
 
-__all__ = ["arm_stats", "claim_verdict", "paired_difference"]
+__all__ = ["arm_stats", "claim_verdict", "group_by_seed", "paired_difference"]
 
 
 def _mean_std(values):
@@ -18,6 +18,21 @@ def arm_stats(values):
     """``{"n", "mean", "std"}`` of one arm's metric over seeds (std: ddof 1, NaN for n < 2)."""
     mean, std = _mean_std(list(values))
     return {"n": len(values), "mean": mean, "std": std}
+
+
+def group_by_seed(arms):
+    """Each seed's mean over a group of arms, for the seeds every arm of the group has.
+
+    Args:
+        arms (list[dict]): per arm, seed -> metric value.
+
+    Returns:
+        dict: seed -> mean over the arms (a single arm: its values unchanged).
+    """
+    if not arms:
+        return {}
+    seeds = set(arms[0]).intersection(*arms[1:])
+    return {s: sum(arm[s] for arm in arms) / len(arms) for s in sorted(seeds)}
 
 
 def paired_difference(arm, baseline, confidence=0.95):

@@ -161,10 +161,11 @@ def _parse_arm(entry, index, source):
 
 def _claim_side(value, key, names, where):
     """One side of a claim: an arm name, or a list of two or more arm names (a group)."""
-    if isinstance(value, list) and len(value) >= 2 and len(set(map(str, value))) == len(value):
+    group = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if group and len(value) >= 2 and len(set(value)) == len(value):
         unknown = [v for v in value if v not in names]
         if not unknown:
-            return [str(v) for v in value]
+            return list(value)
         raise BenchError(f"{where}: '{key}' names arms not in the file: {unknown} (arms: {names})")
     if isinstance(value, str) and value in names:
         return value

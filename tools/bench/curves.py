@@ -10,11 +10,10 @@ import math
 import os
 import subprocess
 
-from .arms import claim_side_arms
 from .loss_share import kd_loss_share
 from .report import claim_label, fmt
 from .runs import ROOT
-from .stats import arm_stats, claim_verdict, group_by_seed, paired_difference
+from .stats import arm_stats, claim_difference, claim_verdict, paired_difference
 
 __all__ = ["LATE_FRACTION", "curve_summary", "evaluate_run_checkpoints", "write_curves"]
 
@@ -132,9 +131,7 @@ def curve_summary(result, run_curves, metric="AP"):
         late_arms.append(entry)
     claims = []
     for claim in result["summary"].get("claims", []):
-        better, than = (group_by_seed([late.get(a, {}) for a in claim_side_arms(claim[side])])
-                        for side in ("better", "than"))  # fmt: skip
-        diff = paired_difference(better, than)
+        diff = claim_difference(late, claim["better"], claim["than"])
         claims.append({"better": claim["better"], "than": claim["than"], "diff": diff,
                        "verdict": claim_verdict(diff)})  # fmt: skip
     return {"metric": metric, "baseline": baseline, "late_after": (1 - LATE_FRACTION)

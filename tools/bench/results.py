@@ -8,7 +8,7 @@ import os
 from .arms import BenchError, claim_side_arms
 from .report import write_chart, write_markdown
 from .runs import finished_run, record_fields
-from .stats import arm_stats, claim_verdict, group_by_seed, paired_difference
+from .stats import arm_stats, claim_difference, claim_verdict, paired_difference
 
 
 def _by_seed(values, metric):
@@ -101,13 +101,11 @@ class BenchResultsMixin:
         names = {arm.name for arm in self.arms}
         out = []
         for claim in self.spec.claims:
-            sides = [claim_side_arms(claim.better), claim_side_arms(claim.than)]
-            if not names.issuperset(sides[0] + sides[1]):
+            if not names.issuperset(claim_side_arms(claim.better) + claim_side_arms(claim.than)):
                 continue  # a part of the bench (--arms) without one of them
             metric = claim.metric or self.metrics[0]
-            better, than = (group_by_seed([_by_seed(per_arm.get(a, {}), metric) for a in side])
-                            for side in sides)  # fmt: skip
-            diff = paired_difference(better, than)
+            values = {arm: _by_seed(by_seed, metric) for arm, by_seed in per_arm.items()}
+            diff = claim_difference(values, claim.better, claim.than)
             out.append({"better": claim.better, "than": claim.than, "source": claim.source,
                         "metric": metric, "diff": diff, "verdict": claim_verdict(diff)})
         return out

@@ -2,7 +2,11 @@
 """Statistics of a bench: mean and spread over seeds, paired differences with t-intervals."""
 import math
 
-__all__ = ["arm_stats", "claim_verdict", "group_by_seed", "paired_difference"]
+from .arms import claim_side_arms
+
+__all__ = [
+    "arm_stats", "claim_difference", "claim_verdict", "group_by_seed", "paired_difference",
+]  # fmt: skip
 
 
 def _mean_std(values):
@@ -58,6 +62,22 @@ def paired_difference(arm, baseline, confidence=0.95):
         half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
         low, high = mean - half, mean + half
     return {"n": n, "mean": mean, "std": std, "low": low, "high": high, "seeds": seeds}
+
+
+def claim_difference(values, better, than):
+    """The paired difference ``better - than`` of a claim whose sides are arms or groups of arms
+    (a group: each seed's mean over its arms, :func:`group_by_seed`).
+
+    Args:
+        values (dict): arm -> {seed: metric value}.
+        better, than: a claim's sides (an arm name or a list of them).
+
+    Returns:
+        dict: as :func:`paired_difference`.
+    """
+    better, than = (group_by_seed([values.get(a, {}) for a in claim_side_arms(side)])
+                    for side in (better, than))  # fmt: skip
+    return paired_difference(better, than)
 
 
 def claim_verdict(diff):
